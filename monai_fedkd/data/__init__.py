@@ -1,0 +1,1 @@
+"""Datasets, datalists, site partitioning and the site-side input transforms."""
