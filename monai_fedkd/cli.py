@@ -10,12 +10,10 @@ __all__ = ["main"]
 
 
 def _prepare(args) -> int:
-    from monai_fedkd.data.prepare import prepare_dataset
+    from monai_fedkd.data.prepare import kwargs_from_args, prepare_dataset
 
-    path = prepare_dataset(
-        args.name, args.output, mirror=args.mirror, image_format=args.format, max_per_split=args.max_per_split, seed=args.seed
-    )
-    print(path)
+    kwargs = {k: v for k, v in kwargs_from_args(args).items() if v is not None or k in ("mirror",)}
+    print(prepare_dataset(args.name, args.output, **kwargs))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks that write their figures to ``docs/`` (never asserted in tests)."""
