@@ -227,3 +227,20 @@ def test_failed_rerun_removes_earlier_outputs(pneumonia_dir, tmp_path):
     (datalist.parent / d["validation"][0]["image"]).write_bytes(b"\x89PNG broken")
     proc = run_bundle("site_classification", "train.json", _cls_overrides(datalist, out, cache_rate=0.0))
     _assert_failed_cleanly(proc, out, d["validation"][0]["image"].split("/")[-1])
+
+
+def test_corrupt_dicom_series(tmp_path):
+    """ITK would skip an unreadable slice silently; the site run must stop and name the file instead."""
+    series = require("dicom_mr_series", "gre_field_mapping_2")
+    bad_series = tmp_path / "series"
+    shutil.copytree(series, bad_series)
+    for f in bad_series.iterdir():
+        f.chmod(0o644)
+    victim = sorted(bad_series.iterdir())[4]
+    victim.write_bytes(victim.read_bytes()[:600])
+    datalist = tmp_path / "site.json"
+    item = {"image": str(bad_series), "label": 0}
+    datalist.write_text(json.dumps({"training": [item], "validation": [item], "test": [item]}))
+    out = tmp_path / "site"
+    proc = run_bundle("site_classification", "train.json", _cls_overrides(datalist, out, spatial_dims=3, spatial_size=[16, 16, 16], intensity_range=None))
+    _assert_failed_cleanly(proc, out, "DICOM series", victim.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Hashable, Mapping
 
 import torch
@@ -14,6 +15,32 @@ __all__ = ["CheckInputd", "InputCheckError", "card_preprocessing", "site_preproc
 
 class InputCheckError(ValueError):
     """An image or label that does not fit the bundle's configuration."""
+
+
+def _unreadable_dicom_files(folder: Path) -> list[str]:
+    import pydicom
+
+    bad = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(str(f))
+            _ = ds.pixel_array
+        except Exception:
+            bad.append(f.name)
+    return bad
+
+
+def check_dicom_series(img, src: str) -> None:
+    """ITK silently skips unreadable files of a DICOM series; a series with a missing slice is an error here."""
+    folder = Path(src)
+    if not folder.is_dir():
+        return
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    depth = int(img.shape[-1])
+    if len(files) > depth:  # multi-frame files hold more slices than files, never fewer
+        bad = _unreadable_dicom_files(folder)
+        detail = f"unreadable: {bad[:5]}" if bad else "some files belong to no slice of the series"
+        raise InputCheckError(f"DICOM series {src}: {len(files)} files but only {depth} slices could be read ({detail})")
 
 
 def _source(d: Mapping, key: Hashable) -> str:
@@ -58,6 +85,7 @@ class CheckInputd(MapTransform):
             )
         if img.shape[0] != self.in_channels:
             raise InputCheckError(f"{src}: image has {img.shape[0]} channels, the configuration expects in_channels={self.in_channels}")
+        check_dicom_series(img, src)
         if not torch.isfinite(torch.as_tensor(img)).all():
             raise InputCheckError(f"{src}: image contains NaN or Inf values")
         if self.label_key is None or self.label_key not in d:
