@@ -32,8 +32,8 @@ def _bundles_dir() -> Path:
 
 
 def _cli_value(value) -> str:
-    # monai.bundle run parses override values with fire: python literals for lists, plain text for strings
-    return json.dumps(value) if not isinstance(value, str) else value
+    # monai.bundle run parses override values with fire, which reads Python literals (None, True, [..]), not JSON
+    return value if isinstance(value, str) else repr(value)
 
 
 def bundle_command(bundle: str, config: str | list[str], overrides: Mapping[str, object]) -> list[str]:
