@@ -45,6 +45,8 @@ def _demo(args) -> int:
         max_epochs=args.max_epochs,
         max_per_split=args.max_per_split,
         site_overrides=dict(kv.split("=", 1) for kv in args.override),
+        distill=not args.no_distill,
+        central_overrides=dict(kv.split("=", 1) for kv in args.central_override),
     )
     return 0
 
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None, help="site training epochs (bundle default if omitted)")
     p.add_argument("--max-per-split", type=int, default=None, help="subsample the dataset (quick runs)")
     p.add_argument("--override", action="append", default=[], metavar="ID=VALUE", help="extra site bundle override")
+    p.add_argument("--central-override", action="append", default=[], metavar="ID=VALUE", help="central_distillation bundle override")
+    p.add_argument("--no-distill", action="store_true", help="stop after the site models (no central model)")
     p.set_defaults(func=_demo)
     return parser
 

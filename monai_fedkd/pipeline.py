@@ -1,8 +1,9 @@
 """The main job as one chain of the project's public interfaces.
 
 prepare a public dataset -> partition it into sites -> train every site with its site bundle through
-``python -m monai.bundle run`` (one process per site, as a hospital would run it) -> evaluate the site models and
-their ensembles with the evaluation bundle -> print the table. Each step writes its outputs under ``workdir`` and
+``python -m monai.bundle run`` (one process per site, as a hospital would run it) -> distil the central model with
+the central_distillation bundle (query mode) -> evaluate the site models, their ensembles and the central model
+with the evaluation bundle -> print the table. Each step writes its outputs under ``workdir`` and
 the whole chain is reproducible from its arguments (seeds included).
 """
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["BUNDLES_DIR", "bundle_command", "dataset_overrides", "run_pipeline", "train_site"]
+__all__ = ["BUNDLES_DIR", "bundle_command", "dataset_overrides", "distill_central", "run_pipeline", "train_site"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,19 @@ def train_site(site_datalist: Path, output_dir: Path, bundle: str, overrides: Ma
     return _run_logged(cmd, output_dir.with_name(output_dir.name + "_train.log"), f"site training {output_dir.name}")
 
 
+def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: Mapping[str, object]) -> Path:
+    """Run the central_distillation bundle over the trained sites (query mode, in-process transport)."""
+    sites_json = workdir / "sites.json"
+    # each site's own datalist stays with the site object: it feeds only that site's discriminator
+    sites_json.write_text(json.dumps([{"name": Path(d).name, "dir": str(Path(d).resolve()), "datalist": str(Path(f).resolve())}
+                                      for d, f in zip(site_dirs, site_files)], indent=2) + "\n")
+    central_dir = workdir / "central"
+    configs = ["train.json"] + (["segmentation.json"] if task == "segmentation" else [])
+    cmd = bundle_command("central_distillation", configs, {"sites": str(sites_json), "output_dir": str(central_dir), **overrides})
+    _run_logged(cmd, workdir / "central_distillation.log", "central distillation")
+    return central_dir
+
+
 def run_pipeline(
     dataset: str = "pneumoniamnist",
     workdir: str | Path = "runs/demo",
@@ -95,6 +109,8 @@ def run_pipeline(
     max_per_split: int | None = None,
     site_overrides: Mapping[str, object] | None = None,
     partition_kwargs: Mapping[str, object] | None = None,
+    distill: bool = True,
+    central_overrides: Mapping[str, object] | None = None,
 ) -> Path:
     """Run the whole chain; returns the path of the metrics table (markdown)."""
     from monai_fedkd.data.partition import partition_datalist
@@ -134,12 +150,20 @@ def run_pipeline(
         site_dirs.append(out)
         logger.info("trained %s in %.1f s -> %s", site_file.stem, elapsed, out)
 
+    extra = {}
+    if distill:
+        t0 = time.perf_counter()
+        central_dir = distill_central(workdir, site_dirs, site_files, info["task"], {"seed": seed, **dict(central_overrides or {})})
+        timings["distill_s"] = time.perf_counter() - t0
+        extra = {"extra_models": {"central": str(central_dir)}}
+        logger.info("distilled the central model in %.1f s -> %s", timings["distill_s"], central_dir)
+
     t0 = time.perf_counter()
     eval_dir = workdir / "eval"
     cmd = bundle_command(
         "evaluation",
         "evaluate.json",
-        {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files], "output_dir": str(eval_dir)},
+        {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files], "output_dir": str(eval_dir), **extra},
     )
     _run_logged(cmd, workdir / "eval.log", "evaluation")
     timings["evaluate_s"] = time.perf_counter() - t0

@@ -32,6 +32,7 @@ __all__ = ["SITE_CARD_NAME", "SiteCardError", "SiteOutputWriter", "class_counts"
 logger = logging.getLogger(__name__)
 
 SITE_CARD_NAME = "site_card.json"
+CENTRAL_CARD_NAME = "central_card.json"  # the central model's card has the same keys (plus how it was distilled)
 CARD_FORMAT_VERSION = 1
 REQUIRED_CARD_KEYS = ("task", "spatial_dims", "input", "classes", "network_def", "checkpoint")
 
@@ -181,11 +182,13 @@ class SiteOutputWriter:
 
 
 def read_site_card(output_dir: str | os.PathLike) -> dict:
-    """Read and check ``output_dir/site_card.json`` (a site bundle's output)."""
+    """Read and check ``output_dir/site_card.json`` (a site bundle's output) or ``central_card.json`` (a central model)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise SiteCardError(f"site directory {output_dir} does not exist")
     path = output_dir / SITE_CARD_NAME
+    if not path.is_file() and (output_dir / CENTRAL_CARD_NAME).is_file():
+        path = output_dir / CENTRAL_CARD_NAME
     if not path.is_file():
         raise SiteCardError(f"{path} is missing: the site has not finished training (or training failed)")
     try:

@@ -1,0 +1,49 @@
+"""Loss terms for data-free federated distillation (FedIOD-style), for classification and segmentation.
+
+Modules:
+
+* :mod:`.ensemble` — expertise weights from class counts (:func:`site_weights`, :func:`withheld_sites`),
+  pooled class prior (:func:`class_prior_from_counts`), class-share weighted ensemble
+  (:func:`ensemble_log_probabilities`, :func:`ensemble_probabilities`);
+* :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
+  :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`AdversarialLoss`;
+* :mod:`.priors` — image priors on x: :class:`TotalVariationLoss`, :class:`BatchNormStatisticsLoss`,
+  :func:`bn_statistics_loss`, :func:`has_batchnorm`.
+
+Conventions: logits ``(B, N)`` or ``(B, N, *spatial)`` with classes on dim 1; per-sample/voxel values are
+averaged over dim 0 and the spatial dims (``reduction="mean"``); each module returns ``weight * value``;
+everything is computed in log space (finite values and gradients for any finite logits).
+"""
+
+from .distillation import (
+    AdversarialLoss,
+    BalanceLoss,
+    ConditionalCrossEntropyLoss,
+    ConsensusLoss,
+    DistillationLoss,
+    EntropyLoss,
+    entropy,
+    generalized_js_divergence,
+)
+from .ensemble import class_prior_from_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
+from .priors import BatchNormStatisticsLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
+
+__all__ = [
+    "AdversarialLoss",
+    "BalanceLoss",
+    "BatchNormStatisticsLoss",
+    "ConditionalCrossEntropyLoss",
+    "ConsensusLoss",
+    "DistillationLoss",
+    "EntropyLoss",
+    "TotalVariationLoss",
+    "bn_statistics_loss",
+    "class_prior_from_counts",
+    "ensemble_log_probabilities",
+    "ensemble_probabilities",
+    "entropy",
+    "generalized_js_divergence",
+    "has_batchnorm",
+    "site_weights",
+    "withheld_sites",
+]

@@ -1,0 +1,162 @@
+"""Site expertise weights, class priors from the sites' class counts, and the class-share weighted ensemble.
+
+Conventions (all of :mod:`monai_fedkd.losses`): site logits are ``(B, N)`` (classification) or
+``(B, N, *spatial)`` (segmentation, voxel-wise); the class dimension is dim 1. ``K`` sites' outputs are
+given as a sequence of such tensors or as one stacked ``(K, B, N, *spatial)`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._utils import check_temperature, stack_sites
+
+__all__ = [
+    "site_weights",
+    "withheld_sites",
+    "class_prior_from_counts",
+    "ensemble_log_probabilities",
+    "ensemble_probabilities",
+]
+
+
+def _validated_counts(class_counts: Sequence[Sequence[float] | None], num_classes: int | None) -> dict[int, torch.Tensor]:
+    """``{site index: (N,) float64 counts}`` for the sites that publish counts; checks values and lengths."""
+    counts: dict[int, torch.Tensor] = {}
+    for k, c in enumerate(class_counts):
+        if c is None:
+            continue
+        arr = torch.as_tensor(c, dtype=torch.float64).reshape(-1)
+        if arr.numel() == 0 or not bool(torch.isfinite(arr).all()) or bool((arr < 0).any()):
+            raise ValueError(f"site {k}: class counts {list(c)} must be a non-empty list of non-negative numbers")
+        if num_classes is not None and arr.numel() != num_classes:
+            raise ValueError(f"site {k}: {arr.numel()} class counts but num_classes is {num_classes}")
+        counts[k] = arr
+    lengths = {arr.numel() for arr in counts.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"sites disagree on the number of classes in their class counts: {sorted(lengths)}")
+    return counts
+
+
+def withheld_sites(class_counts: Sequence[Sequence[float] | None]) -> list[int]:
+    """Indices of the sites whose class counts are ``None`` (withheld), e.g. for the caller's log."""
+    return [k for k, c in enumerate(class_counts) if c is None]
+
+
+def site_weights(class_counts: Sequence[Sequence[float] | None], num_classes: int) -> torch.Tensor:
+    """Per-class expertise weights ``W[k, c] = n[k, c] / sum_j n[j, c]`` of ``K`` sites.
+
+    Args:
+        class_counts: one entry per site: its training samples per class (classification) or voxels per
+            class (segmentation), length ``num_classes``; ``None`` when the site withholds its counts.
+        num_classes: ``N``.
+
+    Returns:
+        ``(K, N)`` float tensor (default dtype) with every column summing to one:
+
+        * a site with ``None`` counts gets ``1/K`` in every class; the ``K - m`` sites with counts share the
+          remaining ``(K - m)/K`` of each class in proportion to their counts (``m``: withheld sites);
+        * a class that no site with counts holds (total count 0), or every class when no site publishes
+          counts, gets ``1/K`` for every site.
+
+        Use :func:`withheld_sites` for the indices of the sites that withheld their counts (to log them).
+        Matches :func:`monai_fedkd.evaluation.evaluate.class_count_weights` (the ``ensemble_weighted`` model).
+    """
+    k_sites = len(class_counts)
+    if k_sites == 0:
+        raise ValueError("site_weights needs at least one site")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    counts = _validated_counts(class_counts, num_classes)
+    weights = torch.full((k_sites, num_classes), 1.0 / k_sites, dtype=torch.float64)
+    if counts:
+        known = sorted(counts)
+        stacked = torch.stack([counts[k] for k in known])  # (K_known, N)
+        total = stacked.sum(0)
+        share = len(known) / k_sites
+        has = total > 0
+        proportional = share * stacked / torch.where(has, total, torch.ones_like(total))
+        weights[known] = torch.where(has.unsqueeze(0), proportional, weights[known])
+    return weights.to(torch.get_default_dtype())
+
+
+def class_prior_from_counts(class_counts: Sequence[Sequence[float] | None], num_classes: int | None = None) -> torch.Tensor:
+    """Pooled class frequencies ``prior[c] = sum_k n[k, c] / sum_{k, c'} n[k, c']`` over the sites.
+
+    Sites with ``None`` counts are skipped. Returns ``(N,)`` (default dtype) summing to one; uniform when no
+    site publishes counts (then ``num_classes`` is required) or all counts are zero. For segmentation pass
+    voxel counts per class: the prior is the pooled voxel-class frequency (background included).
+    """
+    counts = _validated_counts(class_counts, num_classes)
+    if not counts:
+        if num_classes is None:
+            raise ValueError("no site publishes class counts: num_classes is needed for the uniform prior")
+        return torch.full((int(num_classes),), 1.0 / int(num_classes))
+    total = torch.stack(list(counts.values())).sum(0)
+    if float(total.sum()) <= 0:
+        return torch.full((total.numel(),), 1.0 / total.numel())
+    return (total / total.sum()).to(torch.get_default_dtype())
+
+
+def _log_weights(weights: torch.Tensor, k_sites: int, ndim: int, ref: torch.Tensor) -> torch.Tensor:
+    """``log W`` shaped ``(K, 1, N or 1, 1, ...)`` to broadcast against stacked ``(K, B, N, *spatial)``."""
+    w = torch.as_tensor(weights, dtype=ref.dtype, device=ref.device)
+    if w.ndim == 1:
+        w = w.unsqueeze(1)  # (K, 1): the same weight for every class
+    if w.ndim != 2 or w.shape[0] != k_sites or w.shape[1] not in (1, ref.shape[2]):
+        raise ValueError(f"weights must be (K,) or (K, N) = ({k_sites}, {ref.shape[2]}), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    if bool((w.sum(0) <= 0).any()):
+        raise ValueError("every class needs a positive weight for at least one site")
+    log_w = torch.log(w.detach())  # zeros -> -inf: that site does not contribute to that class
+    return log_w.reshape(k_sites, 1, w.shape[1], *([1] * (ndim - 3)))
+
+
+def ensemble_log_probabilities(
+    site_logits: Sequence[torch.Tensor] | torch.Tensor,
+    weights: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probabilities of the class-share weighted ensemble, computed in log space.
+
+    ``p[c] = sum_k W[k, c] softmax(f_k / T)[c]``, renormalised over the classes (dim 1), evaluated as
+    ``a[c] = logsumexp_k(log W[k, c] + log_softmax(f_k / T)[c])``, ``log p = a - logsumexp_c a``: finite and
+    with finite gradients for any finite logits (also ``|f| ~ 1e4``). Differentiable w.r.t. every site's
+    logits (``weights`` are treated as constants).
+
+    Args:
+        site_logits: ``K`` tensors ``(B, N, *spatial)`` or one ``(K, B, N, *spatial)`` tensor.
+        weights: ``(K, N)`` per-class site weights (e.g. :func:`site_weights`), ``(K,)`` per-site weights,
+            or ``None`` for the plain mean of the sites' softmax probabilities. Zero entries are allowed
+            (that site does not contribute to that class) but every class needs one positive weight.
+        temperature: ``T > 0`` applied to every site's logits.
+
+    Returns:
+        ``(B, N, *spatial)`` log-probabilities (``logsumexp`` over dim 1 is 0).
+    """
+    temperature = check_temperature(temperature)
+    stacked = stack_sites(site_logits)
+    k_sites = stacked.shape[0]
+    log_p = torch.log_softmax(stacked / temperature, dim=2)
+    if weights is None:
+        mixed = torch.logsumexp(log_p, dim=0) - math.log(k_sites)
+        return mixed - torch.logsumexp(mixed, dim=1, keepdim=True)  # exact renormalisation (no-op up to rounding)
+    mixed = torch.logsumexp(_log_weights(weights, k_sites, stacked.ndim, stacked) + log_p, dim=0)
+    return mixed - torch.logsumexp(mixed, dim=1, keepdim=True)
+
+
+def ensemble_probabilities(
+    site_logits: Sequence[torch.Tensor] | torch.Tensor,
+    weights: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``exp`` of :func:`ensemble_log_probabilities`: ``(B, N, *spatial)`` probabilities summing to one over dim 1.
+
+    ``weights=None`` gives the plain mean of ``softmax(f_k / T)``; one-hot site weights give that site's softmax.
+    """
+    return ensemble_log_probabilities(site_logits, weights, temperature).exp()

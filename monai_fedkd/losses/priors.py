@@ -1,0 +1,151 @@
+"""Image priors on the synthetic inputs ``x``: total variation and BatchNorm statistics matching."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._utils import check_reduction, check_weight
+
+__all__ = ["TotalVariationLoss", "BatchNormStatisticsLoss", "bn_statistics_loss", "has_batchnorm"]
+
+
+class TotalVariationLoss(nn.Module):
+    """Anisotropic total variation of images ``x`` of shape ``(B, C, *spatial)`` (2D or 3D, any ``ndim >= 3``).
+
+    Value: ``weight * sum_d mean |x[..., i+1 along d] - x[..., i along d]|`` over the spatial axes ``d``
+    (the mean absolute difference between neighbours along each axis, summed over axes). ``>= 0``; zero for
+    a constant image. Penalises high-frequency noise in the generator's images; differentiable w.r.t. ``x``.
+
+    Args:
+        weight: scale of the returned value.
+        reduction: ``"mean"`` (default, as above), ``"sum"`` (sum of absolute differences) or ``"none"``
+            (``(B,)``: the per-image value, i.e. each axis' mean over that image's channels and positions).
+    """
+
+    def __init__(self, weight: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        self.weight = check_weight(weight)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 3:
+            raise ValueError(f"x must be (B, C, *spatial) with at least one spatial axis, got shape {tuple(x.shape)}")
+        total = x.new_zeros(x.shape[0]) if self.reduction == "none" else x.new_zeros(())
+        for dim in range(2, x.ndim):
+            if x.shape[dim] < 2:
+                continue
+            diff = (x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)).abs()
+            if self.reduction == "mean":
+                total = total + diff.mean()
+            elif self.reduction == "sum":
+                total = total + diff.sum()
+            else:
+                total = total + diff.flatten(1).mean(1)
+        return self.weight * total
+
+
+def has_batchnorm(network: nn.Module) -> bool:
+    """True when ``network`` contains a BatchNorm layer (any ``torch.nn.modules.batchnorm._BatchNorm``).
+
+    MONAI's ``UNet`` with its default instance norm has none; the BatchNorm statistics prior applies only
+    to networks for which this is True.
+    """
+    return any(isinstance(m, _BatchNorm) for m in network.modules())
+
+
+class BatchNormStatisticsLoss(nn.Module):
+    """BatchNorm statistics prior (DeepInversion-style) for synthetic inputs.
+
+    For every ``_BatchNorm`` layer ``l`` with running statistics in the attached network(s), the layer's input
+    ``h`` during a forward pass gives the batch mean ``mu = mean(h)`` and (biased) variance
+    ``var = var(h, unbiased=False)`` per channel, over dim 0 and the spatial dims. The value is
+    ``weight * sum_l (||mu - running_mean||_2 + ||var - running_var||_2)``: ``>= 0``, zero when the synthetic
+    batch reproduces the stored statistics, differentiable w.r.t. ``x`` (running statistics are constants).
+
+    Usage::
+
+        bn_loss = BatchNormStatisticsLoss(weight=0.1)
+        if has_batchnorm(net):
+            bn_loss.attach(net)   # forward hooks; once
+        net.eval()                # keep the running statistics unchanged by synthetic batches
+        logits = net(x)           # the hooks record each BN layer's term
+        loss = bn_loss()          # weight * sum of the recorded terms; clears the record
+
+    The hooks record on every forward pass of the attached network (in train or eval mode; call
+    :meth:`clear` to drop records, e.g. after a ``torch.no_grad`` evaluation pass). ``forward`` returns
+    ``None`` when nothing was recorded (no BatchNorm layer, or no forward pass since the last call): the caller
+    checks :func:`has_batchnorm` and must not add this term for networks without BatchNorm.
+    Layers with ``track_running_stats=False`` are skipped. :meth:`detach` removes the hooks.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = check_weight(weight)
+        self._handles: list = []
+        self._terms: list[torch.Tensor] = []
+
+    def attach(self, network: nn.Module) -> int:
+        """Register forward hooks on ``network``'s BatchNorm layers; returns how many layers were hooked."""
+        n = 0
+        for module in network.modules():
+            if isinstance(module, _BatchNorm) and module.running_mean is not None and module.running_var is not None:
+                self._handles.append(module.register_forward_hook(self._hook))
+                n += 1
+        if n == 0:
+            warnings.warn("BatchNormStatisticsLoss.attach: the network has no BatchNorm layer with running statistics")
+        return n
+
+    def detach(self) -> None:
+        """Remove every hook registered by :meth:`attach` and drop the recorded terms."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the recorded terms (e.g. before a forward pass whose statistics should count)."""
+        self._terms = []
+
+    reset = clear  # alias
+
+    def value(self) -> torch.Tensor | None:
+        """Same as calling the module: ``weight *`` the sum of the recorded terms (``None`` if none); clears them."""
+        return self.forward()
+
+    def _hook(self, module: _BatchNorm, inputs, output) -> None:
+        h = inputs[0]
+        dims = [0, *range(2, h.ndim)]
+        mean = h.mean(dim=dims)
+        var = h.var(dim=dims, unbiased=False)
+        running_mean = module.running_mean.detach().to(h.dtype)
+        running_var = module.running_var.detach().to(h.dtype)
+        self._terms.append(torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var))
+
+    def forward(self) -> torch.Tensor | None:
+        if not self._terms:
+            return None
+        value = torch.stack(self._terms).sum()
+        self._terms = []
+        return self.weight * value
+
+
+def bn_statistics_loss(network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """One-shot BatchNorm statistics prior of ``network`` on inputs ``x`` (unweighted; see
+    :class:`BatchNormStatisticsLoss`). Runs ``network(x)`` once with temporary hooks (the output is discarded;
+    use the class to share the forward pass with the other terms). Returns ``None`` for networks without
+    BatchNorm. The network's mode is not changed: put it in ``eval()`` to keep its running statistics.
+    """
+    if not has_batchnorm(network):
+        return None
+    loss = BatchNormStatisticsLoss(weight=1.0)
+    if loss.attach(network) == 0:
+        return None
+    try:
+        network(x)
+        return loss()
+    finally:
+        loss.detach()

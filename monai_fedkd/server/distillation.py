@@ -1,0 +1,517 @@
+"""Query-mode central distillation (FedIOD-style) as an ignite ``Engine``.
+
+One iteration = one generator step + ``student_steps`` student steps:
+
+1. draw noise and target labels (seeded by ``seed`` and the iteration, so a resumed run repeats the same draws),
+   synthesize ``x = G(z, y)``;
+2. query every site through the transport: logits ``f_k(x)``, site-local terms and their input-gradient;
+3. combine the sites on the server: expertise-weighted ensemble (class shares from the site cards), cross-entropy
+   of the ensemble to the target labels, consensus (generalized Jensen-Shannon among sites), balance prior,
+   adversarial disagreement with the student; send each site ``dL/df_k`` and receive ``J_k^T dL/df_k``;
+4. update the generator with the summed input-gradients (plus a total-variation prior computed here);
+5. push ``(x, ensemble probabilities)`` into a sample cache and train the student from the cache.
+
+The server holds no site weights: it only sees :class:`~monai_fedkd.transport.base.Transport`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai.utils import min_version, optional_import
+
+from monai_fedkd import __version__
+from monai_fedkd.losses import (
+    AdversarialLoss,
+    BalanceLoss,
+    ConditionalCrossEntropyLoss,
+    ConsensusLoss,
+    DistillationLoss,
+    TotalVariationLoss,
+    class_prior_from_counts,
+    ensemble_log_probabilities,
+    site_weights,
+)
+from monai_fedkd.networks import network_definition
+from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
+from monai_fedkd.transport.base import QueryRequest, SiteAnswerError, Transport
+
+Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+Checkpoint, _ = optional_import("ignite.handlers", "0.4.11", min_version, "Checkpoint")
+DiskSaver, _ = optional_import("ignite.handlers", "0.4.11", min_version, "DiskSaver")
+ProgressBar, _ = optional_import("ignite.contrib.handlers.tqdm_logger", "0.4.11", min_version, "ProgressBar")
+
+__all__ = ["CentralDistillation", "SampleCache", "check_site_cards", "CENTRAL_CARD_NAME"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = {
+    "conditional_ce": 1.0,   # ensemble agrees with the generator's target label (classification)
+    "consensus": 1.0,        # sites agree with each other
+    "balance": 1.0,          # batch-mean ensemble prediction matches the class prior
+    "adversarial": 0.5,      # inputs where the student still disagrees with the ensemble
+    "tv": 0.0,               # total-variation image prior
+    "entropy": 0.1,          # site-local: each site confident
+    "realism": 0.5,          # site-local: each site's discriminator finds the inputs real
+    "bn_statistics": 0.0,    # site-local: BatchNorm statistics prior (only sites whose network has BatchNorm)
+}
+SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
+
+
+def check_site_cards(cards: Mapping[str, Mapping]) -> dict:
+    """The sites must describe the same task; returns the shared spec or raises naming the disagreeing sites."""
+    if not cards:
+        raise ValueError("no sites")
+
+    def spec(c):
+        s = {
+            "task": c["task"],
+            "spatial_dims": c["spatial_dims"],
+            "channels": c["input"]["channels"],
+            "num_classes": c["classes"]["num_classes"],
+        }
+        if c["task"] == "classification":
+            s["spatial_size"] = list(c["input"]["spatial_size"])
+        return s
+
+    specs = {n: spec(c) for n, c in cards.items()}
+    first_name = next(iter(specs))
+    for key in specs[first_name]:
+        values = {n: s.get(key) for n, s in specs.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            detail = ", ".join(f"{n}={v}" for n, v in values.items())
+            raise ValueError(f"site cards disagree on {key}: {detail}")
+    shared = dict(specs[first_name])
+    first = cards[first_name]
+    shared["spatial_size"] = list(first["input"]["spatial_size"])
+    shared["value_range"] = list(first["input"].get("value_range") or [0.0, 1.0])
+    shared["class_names"] = list(first["classes"].get("names") or [])
+    return shared
+
+
+class SampleCache:
+    """Ring buffer of queried ``(input, ensemble probabilities)`` pairs; student steps read it without new queries."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("cache capacity must be at least 1")
+        self.capacity = int(capacity)
+        self.inputs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.size = 0
+        self.cursor = 0
+
+    def push(self, x: torch.Tensor, p: torch.Tensor) -> None:
+        x, p = x.detach().to(torch.float16), p.detach().to(torch.float16)
+        if self.inputs is None:
+            self.inputs = torch.zeros((self.capacity, *x.shape[1:]), dtype=torch.float16)
+            self.targets = torch.zeros((self.capacity, *p.shape[1:]), dtype=torch.float16)
+        for i in range(x.shape[0]):
+            self.inputs[self.cursor] = x[i]
+            self.targets[self.cursor] = p[i]
+            self.cursor = (self.cursor + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(self.size, (n,), generator=generator)
+        return self.inputs[idx].float(), self.targets[idx].float()
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "inputs": self.inputs, "targets": self.targets, "size": self.size, "cursor": self.cursor}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.capacity, self.inputs, self.targets = state["capacity"], state["inputs"], state["targets"]
+        self.size, self.cursor = int(state["size"]), int(state["cursor"])
+
+
+class _EMA:
+    """Exponential moving average of the student's weights (a smoother last iterate; no test data involved)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
+            else:
+                e.copy_(m)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+class CentralDistillation:
+    """Distil a central student from the sites behind ``transport``, by synthesized inputs only.
+
+    Args:
+        transport: the sites (see :mod:`monai_fedkd.transport`).
+        generator: a :class:`~monai_fedkd.networks.generators.ConditionalGenerator` (or compatible: ``latent_dim``,
+            ``num_classes``, ``forward(z, labels)``) producing inputs of the sites' spec.
+        student: any network with the sites' input/output spec (built with ``monai_fedkd.networks.build_network``
+            so the central card can record it).
+        output_dir: receives ``models/model.pt``, ``central_card.json``, ``checkpoints/``, ``montages/``,
+            ``tensorboard/``.
+        iterations: generator steps.
+        batch_size: synthetic inputs per generator step (one query per site per step).
+        student_steps / student_batch_size: student updates per generator step, drawn from the sample cache.
+        weights: loss weights (see ``DEFAULT_WEIGHTS``); site-local ones are sent to the sites with each query.
+        temperature / distill_mode: student loss, "kl" at temperature T or "mse" on logits.
+        cache_size: capacity of the sample cache.
+        ema_decay / selection: "last" keeps the last student iterate, "ema" its weight average.
+        checkpoint_interval / resume: regular checkpoints; ``resume=True`` continues from the newest one.
+        drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        generator: torch.nn.Module,
+        student: torch.nn.Module,
+        output_dir: str | os.PathLike,
+        iterations: int = 200,
+        batch_size: int = 32,
+        student_steps: int = 5,
+        student_batch_size: int | None = None,
+        generator_lr: float = 1e-3,
+        student_lr: float = 1e-3,
+        weights: Mapping[str, float] | None = None,
+        temperature: float = 1.0,
+        distill_mode: str = "kl",
+        cache_size: int = 512,
+        ema_decay: float = 0.99,
+        selection: str = "ema",
+        checkpoint_interval: int = 50,
+        montage_interval: int = 50,
+        resume: bool = False,
+        seed: int = 0,
+        drop_failed_sites: bool = False,
+        min_sites: int = 1,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+        if selection not in ("last", "ema"):
+            raise ValueError("selection must be 'last' or 'ema'")
+        self.transport = transport
+        self.device = torch.device(device)
+        self.generator = generator.to(self.device)
+        self.student = student.to(self.device)
+        self.output_dir = Path(output_dir)
+        self.iterations, self.batch_size = int(iterations), int(batch_size)
+        self.student_steps = int(student_steps)
+        self.student_batch_size = int(student_batch_size or batch_size)
+        self.weights = {**DEFAULT_WEIGHTS, **dict(weights or {})}
+        self.seed, self.resume, self.progress = int(seed), bool(resume), progress
+        self.checkpoint_interval, self.montage_interval = int(checkpoint_interval), int(montage_interval)
+        self.drop_failed_sites, self.min_sites = drop_failed_sites, int(min_sites)
+        self.selection = selection
+
+        self.cards = transport.site_cards()
+        self.spec = check_site_cards(self.cards)
+        self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
+        self.active_sites = sorted(self.cards)
+        self.dropped: dict[str, str] = {}
+        self._set_site_weights()
+
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr, betas=(0.5, 0.999))
+        self.s_optimizer = torch.optim.Adam(self.student.parameters(), lr=student_lr)
+        self.ema = _EMA(self.student, ema_decay)
+        self.cache = SampleCache(cache_size)
+        self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature)
+        self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
+        self.terms = {
+            "conditional_ce": ConditionalCrossEntropyLoss(weight=self.weights["conditional_ce"]),
+            "consensus": ConsensusLoss(weight=self.weights["consensus"], temperature=temperature),
+            "balance": BalanceLoss(weight=self.weights["balance"], prior=self.class_prior),
+            "adversarial": AdversarialLoss(weight=self.weights["adversarial"], temperature=temperature),
+            "tv": TotalVariationLoss(weight=self.weights["tv"]),
+        }
+        self.timing = {"server_s": 0.0, "student_s": 0.0}
+
+    # ---- site weights -----------------------------------------------------------------------------------------
+    def _set_site_weights(self) -> None:
+        counts = [self.cards[n].get("class_counts") for n in self.active_sites]
+        withheld = [n for n, c in zip(self.active_sites, counts) if c is None]
+        if withheld:
+            logger.warning("sites %s withhold class counts: weighted equally in every class", withheld)
+        self.expertise = site_weights(counts, self.num_classes).to(self.device)  # (K, N), columns sum to one
+        if self.task == "segmentation":
+            self.class_prior = class_prior_from_counts(counts, self.num_classes).to(self.device)
+        else:
+            self.class_prior = None  # uniform: the generator draws target labels uniformly
+
+    def _drop_site(self, site: str, reason: str, step: int) -> None:
+        if not self.drop_failed_sites:
+            raise SiteAnswerError(site, reason)
+        self.active_sites.remove(site)
+        self.dropped[site] = f"step {step}: {reason}"
+        logger.warning("dropping site '%s' at step %d: %s", site, step, reason)
+        if len(self.active_sites) < self.min_sites:
+            raise RuntimeError(f"only {len(self.active_sites)} site(s) left after dropping {sorted(self.dropped)}; min_sites={self.min_sites}")
+        self._set_site_weights()
+        self.terms["balance"].prior = self.class_prior if self.class_prior is not None else self.terms["balance"].prior
+
+    # ---- one iteration ----------------------------------------------------------------------------------------
+    def _rng(self, step: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 8 + stream)
+
+    def _sample(self, step: int):
+        g = self._rng(step, 0)
+        z = torch.randn(self.batch_size, self.generator.latent_dim, generator=g)
+        labels = torch.randint(self.num_classes, (self.batch_size,), generator=g) if self.conditional else None
+        return z.to(self.device), None if labels is None else labels.to(self.device)
+
+    def _query(self, x: torch.Tensor, step: int):
+        local = {k: float(self.weights[k]) for k in SITE_LOCAL_TERMS}
+        while True:
+            try:
+                answers = self.transport.query(QueryRequest(x.detach(), step, local), sites=list(self.active_sites))
+            except SiteAnswerError as e:
+                self._drop_site(e.site, str(e), step)
+                continue
+            bad = {n: r for n, a in answers.items() if (r := self._answer_problem(a, x))}
+            if not bad:
+                return answers
+            for n, r in bad.items():
+                self._drop_site(n, r, step)
+
+    def _answer_problem(self, answer, x) -> str | None:
+        expected = (x.shape[0], self.num_classes) + (tuple(x.shape[2:]) if self.task == "segmentation" else ())
+        if tuple(answer.logits.shape) != expected:
+            return f"answered logits of shape {tuple(answer.logits.shape)}, expected {expected}"
+        if not torch.isfinite(answer.logits).all():
+            return "answered NaN/Inf logits"
+        g = answer.local_input_grad
+        if g is not None and (tuple(g.shape) != tuple(x.shape) or not torch.isfinite(g).all()):
+            return "answered an input-gradient of the wrong shape or with NaN/Inf"
+        return None
+
+    def _step(self, engine, _batch) -> dict:
+        step = engine.state.iteration - 1
+        torch.manual_seed(self.seed * 1_000_003 + step)  # anything else random in this step (dropout) repeats on resume
+        out: dict[str, float] = {}
+        self.generator.train()
+        z, labels = self._sample(step)
+        x = self.generator(z, labels) if self.conditional else self.generator(z)
+        answers = self._query(x, step)
+
+        t0 = time.perf_counter()
+        names = list(self.active_sites)
+        logits = {n: answers[n].logits.to(self.device).float().requires_grad_(True) for n in names}
+        stacked = torch.stack([logits[n] for n in names])
+        log_probs = ensemble_log_probabilities(stacked, self.expertise)
+        probs = log_probs.exp()
+        with torch.no_grad():
+            self.student.eval()
+            student_logits = self.student(x.detach())
+        server_terms = {"consensus": self.terms["consensus"](stacked), "balance": self.terms["balance"](log_probs),
+                        "adversarial": self.terms["adversarial"](student_logits, log_probs)}
+        if self.conditional:
+            server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
+        total = sum(server_terms.values())
+        cotangents = dict(zip(names, torch.autograd.grad(total, [logits[n] for n in names], allow_unused=True)))
+        cotangents = {n: c for n, c in cotangents.items() if c is not None}
+        self.timing["server_s"] += time.perf_counter() - t0
+        vjps = self.transport.vjp(cotangents) if cotangents else {}
+
+        grad_x = torch.zeros_like(x)
+        for n in names:
+            if n in vjps:
+                grad_x = grad_x + vjps[n].to(self.device)
+            if answers[n].local_input_grad is not None:
+                grad_x = grad_x + answers[n].local_input_grad.to(self.device)
+        tv = self.terms["tv"](x)
+        self.g_optimizer.zero_grad(set_to_none=True)
+        ((x * grad_x.detach()).sum() + tv).backward()
+        self.g_optimizer.step()
+
+        for k, v in server_terms.items():
+            out[f"generator/{k}"] = float(v)
+        out["generator/tv"] = float(tv)
+        for n in names:
+            for k, v in answers[n].local_values.items():
+                out[f"site/{n}/{k}"] = v
+        self.cache.push(x.detach(), probs.detach())
+
+        t0 = time.perf_counter()
+        self.student.train()
+        g = self._rng(step, 1)
+        losses = []
+        for _ in range(self.student_steps):
+            xb, pb = self.cache.sample(self.student_batch_size, g)
+            loss = self.distill(self.student(xb.to(self.device)), pb.to(self.device))
+            self.s_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.s_optimizer.step()
+            self.ema.update(self.student)
+            losses.append(float(loss))
+        self.timing["student_s"] += time.perf_counter() - t0
+        out["student/distillation"] = sum(losses) / max(len(losses), 1)
+        if self.task == "segmentation":
+            with torch.no_grad():
+                out["generator/foreground_fraction"] = float((probs.argmax(1) > 0).float().mean())
+        engine.state.last_inputs = x.detach()
+        engine.state.last_probs = probs.detach()
+        return out
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def _write_montage(self, engine) -> None:
+        from monai_fedkd.visualize import montage_2d, montage_3d, save_png
+
+        x, probs = engine.state.last_inputs.cpu(), engine.state.last_probs.cpu()
+        if self.spec["spatial_dims"] == 2:
+            names = self.spec["class_names"] or [str(i) for i in range(self.num_classes)]
+            pred = probs.argmax(1) if self.task == "classification" else None
+            tags = [names[int(c)] for c in pred] if pred is not None else None
+            image = montage_2d(x[:32], labels=tags)
+        else:
+            seg = probs.argmax(1) if self.task == "segmentation" else None
+            image = montage_3d(x[:4], segmentation=None if seg is None else seg[:4], num_classes=self.num_classes)
+        path = self.output_dir / "montages" / f"iter_{engine.state.iteration:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, path)
+        if self.writer is not None:
+            self.writer.add_image("synthetic_inputs", image, engine.state.iteration, dataformats="HWC")
+
+    def _log_scalars(self, engine) -> None:
+        if self.writer is not None:
+            for k, v in engine.state.output.items():
+                self.writer.add_scalar(k, v, engine.state.iteration)
+
+    def _final_paths(self):
+        return self.output_dir / "models" / "model.pt", self.output_dir / CENTRAL_CARD_NAME
+
+    def _finish(self, engine) -> None:
+        model_path, card_path = self._final_paths()
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        chosen = self.ema.model if self.selection == "ema" else self.student
+        tmp = model_path.with_name(".model.pt.tmp")
+        torch.save(chosen.state_dict(), tmp)
+        os.replace(tmp, model_path)
+        atomic_write_json(card_path, self.central_card(engine))
+        logger.info("central model written: %s and %s", model_path, card_path)
+
+    def central_card(self, engine) -> dict:
+        first = self.cards[self.active_sites[0]]
+        stats = self.transport.stats()
+        return {
+            "format_version": 1,
+            "site": "central",
+            "role": "central",
+            "task": self.task,
+            "spatial_dims": self.spec["spatial_dims"],
+            "input": dict(first["input"]),
+            "classes": dict(first["classes"]),
+            "network_def": network_definition(self.student),
+            "generator_def": network_definition(self.generator) if hasattr(self.generator, "_monai_fedkd_network_def") else None,
+            "checkpoint": "models/model.pt",
+            "selection": self.selection,
+            "seed": self.seed,
+            "iterations": int(engine.state.iteration),
+            "batch_size": self.batch_size,
+            "student_steps": self.student_steps,
+            "weights": self.weights,
+            "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
+                          "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
+            "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
+            "timing": dict(self.timing),
+            "sample_count": sum(int(c.get("sample_count") or 0) for c in self.cards.values()),
+            "class_counts": None,
+            "monai_fedkd_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    # ---- run -----------------------------------------------------------------------------------------------
+    def _checkpoint_objects(self, engine) -> dict:
+        return {"generator": self.generator, "student": self.student, "g_optimizer": self.g_optimizer,
+                "s_optimizer": self.s_optimizer, "student_ema": self.ema, "cache": self.cache, "engine": engine}
+
+    def run(self) -> Path:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self._final_paths():
+            if stale.exists():
+                stale.unlink()  # a run (new or resumed) replaces the final outputs only when it completes
+        ckpt_dir = self.output_dir / "checkpoints"
+        engine = Engine(self._step)
+        to_save = self._checkpoint_objects(engine)
+        if self.resume:
+            ckpts = sorted(ckpt_dir.glob("distill_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+            if ckpts:
+                it = int(ckpts[-1].stem.rsplit("_", 1)[-1])
+                Checkpoint.load_objects(to_load=to_save, checkpoint=torch.load(ckpts[-1], map_location=self.device, weights_only=False))
+                self.transport.load_site_states(f"iter_{it}")
+                self._restore_extra(it)
+                logger.info("resuming from %s (iteration %d)", ckpts[-1], it)
+            else:
+                logger.warning("resume requested but no checkpoint in %s: starting from scratch", ckpt_dir)
+        elif ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="distill", n_saved=2,
+                           global_step_transform=lambda e, _: e.state.iteration)
+
+        def save(e):
+            self.transport.save_site_states(f"iter_{e.state.iteration}")
+            self._save_extra(e.state.iteration)
+            saver(e)
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.checkpoint_interval), save)
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional for library users
+            logger.warning("tensorboard is not installed: no scalars/images written")
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_scalars)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.montage_interval), self._write_montage)
+        engine.add_event_handler(Events.COMPLETED, self._write_montage)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+        if self.progress:
+            ProgressBar(persist=False).attach(engine, output_transform=lambda o: {"student": o["student/distillation"]})
+        try:
+            engine.run(range(self.iterations), max_epochs=1, epoch_length=self.iterations)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self._final_paths()[0]
+
+    # state that is not a module: active sites and timing
+    def _extra_path(self, it: int) -> Path:
+        return self.output_dir / "checkpoints" / f"server_state_{it}.json"
+
+    def _save_extra(self, it: int) -> None:
+        path = self._extra_path(it)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"active_sites": self.active_sites, "dropped": self.dropped, "timing": self.timing})
+        for old in path.parent.glob("server_state_*.json"):
+            if int(old.stem.rsplit("_", 1)[-1]) < it - 2 * self.checkpoint_interval:
+                old.unlink()
+
+    def _restore_extra(self, it: int) -> None:
+        path = self._extra_path(it)
+        if path.is_file():
+            state = json.loads(path.read_text())
+            self.active_sites, self.dropped, self.timing = state["active_sites"], state["dropped"], state["timing"]
+            self._set_site_weights()

@@ -1,0 +1,239 @@
+"""The site side of query-mode distillation: answer queries on synthetic inputs, never hand out weights.
+
+A :class:`QuerySite` owns the site's trained network (rebuilt from its bundle output), the site's own real training
+images (for its discriminator only) and the discriminator itself. It answers:
+
+- ``answer(request)``: logits on the server's inputs, the values of its site-local terms and the input-gradient of
+  their weighted sum (entropy of its own prediction, its discriminator's realism score, and a BatchNorm-statistics
+  prior when its network has BatchNorm); then, locally, one discriminator update on real vs the server's inputs;
+- ``vjp(cotangent)``: ``J^T c`` through its network for the inputs of the last query.
+
+Inputs outside the card's input spec are refused. It counts queries and payload bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from monai.data import CacheDataset
+from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+
+from monai_fedkd.data.datalist import load_datalist
+from monai_fedkd.data.transforms import card_preprocessing
+from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
+from monai_fedkd.networks.discriminators import build_discriminator, discriminator_loss, realism_loss
+from monai_fedkd.site.card import load_site_model
+from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
+
+__all__ = ["QuerySite", "load_query_sites"]
+
+logger = logging.getLogger(__name__)
+
+
+class QuerySite:
+    """One site answering distillation queries.
+
+    Args:
+        site_dir: the site bundle's ``output_dir`` (``models/model.pt`` + ``site_card.json``).
+        name: site name (default: the card's).
+        real_datalist: the site's own datalist; its ``real_key`` images train the site's discriminator. Without it
+            the site has no discriminator and reports no realism term.
+        discriminator: keyword arguments of :func:`build_discriminator` (``spatial_dims``/``in_channels`` from the card).
+        discriminator_lr: Adam learning rate of the discriminator.
+        real_batch_size: real images per discriminator step (default: the query batch size).
+        max_real: keep at most this many real images in memory (``None``: all).
+        seed: seeds the site's real-batch sampling (with the server's step) and its discriminator's initialisation.
+        state_dir: where the site checkpoints its own distillation state (resume).
+    """
+
+    def __init__(
+        self,
+        site_dir: str | os.PathLike,
+        name: str | None = None,
+        real_datalist: str | os.PathLike | None = None,
+        real_key: str = "training",
+        discriminator: Mapping | None = None,
+        discriminator_lr: float = 2e-4,
+        discriminator_loss_mode: str = "bce",
+        real_batch_size: int | None = None,
+        max_real: int | None = None,
+        seed: int = 0,
+        state_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.network, self.card = load_site_model(site_dir, device=self.device)
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        self.name = name or self.card["site"]
+        self.seed = int(seed)
+        self.spec = self.card["input"]
+        self.stats = TransportStats()
+        self.state_dir = Path(state_dir) if state_dir else Path(site_dir) / "distillation_state"
+        self._entropy = EntropyLoss(weight=1.0)
+        self._bn = BatchNormStatisticsLoss(weight=1.0) if has_batchnorm(self.network) else None
+        if self._bn is not None:
+            self._bn.attach(self.network)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.d_mode = discriminator_loss_mode
+        self.real_batch_size = real_batch_size
+        self.discriminator = None
+        self.real_images: torch.Tensor | None = None
+        if real_datalist is not None:
+            self.real_images = self._load_real_images(real_datalist, real_key, max_real)
+            torch.manual_seed(self.seed)  # the discriminator's initialisation belongs to the site's seed
+            kwargs = {"spatial_dims": self.card["spatial_dims"], "in_channels": self.spec["channels"], **dict(discriminator or {})}
+            self.discriminator = build_discriminator(**kwargs).to(self.device)
+            self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=discriminator_lr, betas=(0.5, 0.999))
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def _load_real_images(self, datalist, key: str, max_real: int | None) -> torch.Tensor:
+        items = load_datalist(datalist, key=key, task=self.card["task"], num_classes=self.card["classes"]["num_classes"])
+        if max_real is not None:
+            items = items[:max_real]
+        xforms = card_preprocessing(self.card, with_label=False)
+        if self.card["task"] == "segmentation":
+            # the server synthesizes patches of the site's training patch size; the discriminator sees real patches
+            size = self.spec["spatial_size"]
+            xforms += [SpatialPadd(keys="image", spatial_size=size), RandSpatialCropd(keys="image", roi_size=size, random_size=False)]
+        ds = CacheDataset([{"image": i["image"], **({"acquisition": i["acquisition"]} if "acquisition" in i else {})} for i in items],
+                          transform=Compose(xforms).set_random_state(seed=self.seed), progress=False)
+        return torch.stack([torch.as_tensor(ds[i]["image"]).float() for i in range(len(ds))]).to(self.device)
+
+    # ---- checks ----------------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor) -> None:
+        sd = self.card["spatial_dims"]
+        if x.ndim != sd + 2 or x.shape[1] != self.spec["channels"]:
+            raise SiteAnswerError(self.name, f"refused inputs of shape {tuple(x.shape)}: expected (B, {self.spec['channels']}, {sd} spatial dims)")
+        if self.card["task"] == "classification" and list(x.shape[2:]) != list(self.spec["spatial_size"]):
+            raise SiteAnswerError(self.name, f"refused inputs of spatial size {list(x.shape[2:])}: the card declares {self.spec['spatial_size']}")
+        lo, hi = self.spec.get("value_range") or (float("-inf"), float("inf"))
+        tol = 1e-4 * max(1.0, hi - lo)
+        if not torch.isfinite(x).all() or x.min() < lo - tol or x.max() > hi + tol:
+            raise SiteAnswerError(self.name, f"refused inputs outside the declared value range {[lo, hi]} (or not finite)")
+
+    # ---- round trip 1 ----------------------------------------------------------------------------------------
+    def answer(self, request: QueryRequest) -> SiteAnswer:
+        start = time.perf_counter()
+        x = request.inputs.to(self.device).float()
+        self._check_inputs(x)
+        self.stats.queries += 1
+        self.stats.bytes_received += payload_bytes(request.inputs)
+        x = x.detach().requires_grad_(True)
+        self.network.eval()
+        if self._bn is not None:
+            self._bn.reset()
+        logits = self.network(x)
+        if not torch.isfinite(logits).all():
+            raise SiteAnswerError(self.name, "its network answered NaN/Inf")
+        weights = dict(request.local_weights)
+        values: dict[str, float] = {}
+        local = logits.new_zeros(())
+        entropy = self._entropy(logits)
+        values["entropy"] = float(entropy)
+        local = local + float(weights.get("entropy", 0.0)) * entropy
+        if self._bn is not None:
+            bn = self._bn.value()
+            values["bn_statistics"] = float(bn)
+            local = local + float(weights.get("bn_statistics", 0.0)) * bn
+        if self.discriminator is not None:
+            self.discriminator.eval()
+            realism = realism_loss(self.discriminator(x), mode=self.d_mode)
+            values["realism"] = float(realism)
+            local = local + float(weights.get("realism", 0.0)) * realism
+        grad = None
+        if request.want_input_grad and local.requires_grad:
+            (grad,) = torch.autograd.grad(local, x, retain_graph=True)
+        elif request.want_input_grad:
+            grad = torch.zeros_like(x)
+        self._last = (x, logits)
+        if request.update_discriminator and self.discriminator is not None:
+            values["discriminator_loss"] = self._update_discriminator(x.detach(), request.step)
+        answer = SiteAnswer(self.name, logits.detach(), values, grad.detach() if grad is not None else None)
+        self.stats.bytes_sent += payload_bytes(answer.logits, answer.local_input_grad) + 8 * len(values)
+        self.stats.seconds_at_site += time.perf_counter() - start
+        return answer
+
+    def _update_discriminator(self, fake: torch.Tensor, step: int) -> float:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        n = self.real_batch_size or fake.shape[0]
+        idx = torch.randint(len(self.real_images), (n,), generator=g)
+        real = self.real_images[idx]
+        self.discriminator.train()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss = discriminator_loss(self.discriminator(real), self.discriminator(fake), mode=self.d_mode)
+        loss.backward()
+        self.d_optimizer.step()
+        return float(loss)
+
+    # ---- round trip 2 ----------------------------------------------------------------------------------------
+    def vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
+        if self._last is None:
+            raise SiteAnswerError(self.name, "vector-Jacobian product requested before any query")
+        start = time.perf_counter()
+        x, logits = self._last
+        if tuple(cotangent.shape) != tuple(logits.shape):
+            raise SiteAnswerError(self.name, f"cotangent shape {tuple(cotangent.shape)} does not match its outputs {tuple(logits.shape)}")
+        self.stats.vjps += 1
+        self.stats.bytes_received += payload_bytes(cotangent)
+        (grad,) = torch.autograd.grad(logits, x, cotangent.to(logits), retain_graph=False)
+        self._last = None
+        self.stats.bytes_sent += payload_bytes(grad)
+        self.stats.seconds_at_site += time.perf_counter() - start
+        return grad.detach()
+
+    # ---- the site's own state (resume) --------------------------------------------------------------------
+    def save_state(self, tag: str) -> None:
+        if self.discriminator is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{tag}.pt.tmp"
+        torch.save({"discriminator": self.discriminator.state_dict(), "optimizer": self.d_optimizer.state_dict(), "stats": self.stats.as_dict()}, tmp)
+        os.replace(tmp, self.state_dir / f"{tag}.pt")
+
+    def load_state(self, tag: str) -> None:
+        if self.discriminator is None:
+            return
+        path = self.state_dir / f"{tag}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"site '{self.name}' has no saved distillation state {path} to resume from")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.d_optimizer.load_state_dict(state["optimizer"])
+        self.stats = TransportStats(**state["stats"])
+
+
+def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None = None, **common) -> list[QuerySite]:
+    """Build the in-process sites from a list of site bundle output dirs, of ``{"dir", "datalist", "name"}``
+    entries, or from the path of a JSON file holding such a list (relative paths resolve against that file).
+
+    ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator.
+    """
+    base = None
+    if isinstance(sites, (str, os.PathLike)):
+        import json
+
+        path = Path(sites)
+        if not path.is_file():
+            raise FileNotFoundError(f"sites file {path} does not exist")
+        base = path.parent
+        sites = json.loads(path.read_text())
+    if not sites:
+        raise ValueError("no sites given for the distillation")
+    out = []
+    for k, entry in enumerate(sites):
+        entry = {"dir": entry} if isinstance(entry, (str, os.PathLike)) else dict(entry)
+        site_dir = Path(entry["dir"])
+        datalist = entry.get("datalist")
+        if base is not None:
+            site_dir = site_dir if site_dir.is_absolute() else base / site_dir
+            datalist = None if datalist is None else str(Path(datalist) if Path(datalist).is_absolute() else base / datalist)
+        state_dir = Path(state_root) / (entry.get("name") or site_dir.name) if state_root else None
+        out.append(QuerySite(site_dir, name=entry.get("name"), real_datalist=datalist, seed=seed + 7919 * (k + 1), state_dir=state_dir, **common))
+    return out

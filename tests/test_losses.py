@@ -1,0 +1,419 @@
+"""Unit tests of monai_fedkd.losses (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_fedkd.losses import (
+    AdversarialLoss,
+    BalanceLoss,
+    BatchNormStatisticsLoss,
+    ConditionalCrossEntropyLoss,
+    ConsensusLoss,
+    DistillationLoss,
+    EntropyLoss,
+    TotalVariationLoss,
+    bn_statistics_loss,
+    class_prior_from_counts,
+    ensemble_log_probabilities,
+    ensemble_probabilities,
+    generalized_js_divergence,
+    has_batchnorm,
+    site_weights,
+    withheld_sites,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def num(t) -> float:
+    """A Python float of a (possibly graph-carrying) scalar tensor."""
+    return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+# ------------------------------------------------------------------------------------------ Jensen-Shannon
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4, 5, 6)])
+def test_js_zero_when_sites_agree(shape):
+    f = torch.randn(shape) * 5
+    value = ConsensusLoss()([f, f.clone(), f.clone()])
+    assert abs(num(value)) < 1e-6
+    assert num(generalized_js_divergence([f, f], normalize=False).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 1e4])
+def test_js_normalised_in_unit_interval(scale):
+    sites = [torch.randn(16, 5, 3, 3) * scale for _ in range(4)]
+    per_element = generalized_js_divergence(sites, normalize=True)
+    assert per_element.shape == (16, 3, 3)
+    assert _finite(per_element)
+    assert num(per_element.min()) >= 0.0
+    assert num(per_element.max()) <= 1.0 + 1e-6
+    # maximal disagreement: K = N sites, each certain of a different class -> log K, i.e. 1 normalised
+    eye = torch.eye(4).unsqueeze(1) * 1e4  # (K=4, B=1, N=4)
+    assert num(ConsensusLoss()(eye)) == pytest.approx(1.0, abs=1e-5)
+    assert num(ConsensusLoss(normalize=False)(eye)) == pytest.approx(math.log(4), abs=1e-5)
+
+
+def test_js_closed_form_two_sites_two_classes():
+    p1, p2 = (0.9, 0.1), (0.2, 0.8)
+    f1 = torch.tensor([[math.log(p1[0]), math.log(p1[1])]])
+    f2 = torch.tensor([[math.log(p2[0]), math.log(p2[1])]])
+
+    def h(p):
+        return -sum(x * math.log(x) for x in p)
+
+    m = ((p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2)
+    expected = h(m) - 0.5 * (h(p1) + h(p2))  # = 0.5 KL(p1||m) + 0.5 KL(p2||m)
+    assert num(ConsensusLoss(normalize=False)([f1, f2])) == pytest.approx(expected, rel=1e-5)
+    assert num(ConsensusLoss(normalize=True)([f1, f2])) == pytest.approx(expected / math.log(2), rel=1e-5)
+    assert num(ConsensusLoss(weight=3.0, normalize=False)([f1, f2])) == pytest.approx(3 * expected, rel=1e-5)
+    # weighted mixture pi = (0.25, 0.75)
+    mw = (0.25 * p1[0] + 0.75 * p2[0], 0.25 * p1[1] + 0.75 * p2[1])
+    expected_w = h(mw) - 0.25 * h(p1) - 0.75 * h(p2)
+    got = ConsensusLoss(normalize=False, site_weights=[1.0, 3.0])([f1, f2])
+    assert num(got) == pytest.approx(expected_w, rel=1e-5)
+
+
+def test_js_gradients_finite_for_huge_logits_and_nonzero_on_disagreement():
+    huge = [(torch.randn(8, 4, 5, 5).sign() * 1e4 * torch.rand(8, 4, 5, 5)).requires_grad_() for _ in range(3)]
+    ConsensusLoss()(huge).backward()
+    for f in huge:
+        assert f.grad is not None and _finite(f.grad)
+    moderate = [torch.randn(8, 4, requires_grad=True) for _ in range(3)]
+    ConsensusLoss()(moderate).backward()
+    for f in moderate:
+        assert num(f.grad.abs().sum()) > 0
+
+
+def test_js_symmetric_in_site_order():
+    sites = [torch.randn(6, 3, 4, 4) for _ in range(3)]
+    a = ConsensusLoss(reduction="none")(sites)
+    b = ConsensusLoss(reduction="none")([sites[2], sites[0], sites[1]])
+    assert torch.allclose(a, b, atol=1e-6)
+    stacked = torch.stack(sites)
+    assert torch.allclose(ConsensusLoss(reduction="none")(stacked), a, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- site weights
+def test_site_weights_columns_sum_to_one_and_expert_gets_one():
+    counts = [[10, 0, 5], [30, 4, 0], [60, 0, 0]]
+    w = site_weights(counts, 3)
+    assert w.shape == (3, 3)
+    assert torch.allclose(w.sum(0), torch.ones(3))
+    assert torch.allclose(w[:, 0], torch.tensor([0.1, 0.3, 0.6]))
+    assert num(w[1, 1]) == pytest.approx(1.0)  # site 1 holds all of class 1
+    assert num(w[0, 2]) == pytest.approx(1.0)
+    assert withheld_sites(counts) == []
+
+
+def test_site_weights_withheld_site_and_empty_class():
+    counts = [[10, 0, 0], None, [30, 5, 0]]
+    w = site_weights(counts, 3)
+    assert withheld_sites(counts) == [1]
+    assert torch.allclose(w.sum(0), torch.ones(3))
+    assert torch.allclose(w[1], torch.full((3,), 1 / 3))
+    # the two sites with counts share the remaining 2/3 in proportion to their counts
+    assert torch.allclose(w[[0, 2], 0], torch.tensor([2 / 3 * 0.25, 2 / 3 * 0.75]))
+    assert torch.allclose(w[[0, 2], 1], torch.tensor([0.0, 2 / 3]))
+    assert torch.allclose(w[:, 2], torch.full((3,), 1 / 3))  # nobody has class 2
+    assert torch.allclose(site_weights([None, None], 4), torch.full((2, 4), 0.5))
+    with pytest.raises(ValueError):
+        site_weights([[1, 2], [1, 2, 3]], 2)
+    with pytest.raises(ValueError):
+        site_weights([[1, -2]], 2)
+
+
+def test_site_weights_segmentation_voxel_counts():
+    counts = [[2_000_000, 40_000, 0], [1_000_000, 0, 6_000], [1_000_000, 40_000, 2_000]]
+    w = site_weights(counts, 3)
+    assert torch.allclose(w.sum(0), torch.ones(3))
+    assert torch.allclose(w[:, 0], torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(w[:, 1], torch.tensor([0.5, 0.0, 0.5]))
+    assert torch.allclose(w[:, 2], torch.tensor([0.0, 0.75, 0.25]))
+
+
+def test_class_prior_from_counts():
+    prior = class_prior_from_counts([[3, 1, 0], None, [1, 1, 2]])
+    assert torch.allclose(prior, torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(class_prior_from_counts([None, None], num_classes=4), torch.full((4,), 0.25))
+    with pytest.raises(ValueError):
+        class_prior_from_counts([None])
+
+
+# ---------------------------------------------------------------------------------------------- ensemble
+def test_ensemble_plain_mean_and_one_hot_weights():
+    sites = [torch.randn(5, 4, 3, 3) * 3 for _ in range(3)]
+    mean = torch.stack([torch.softmax(f, 1) for f in sites]).mean(0)
+    assert torch.allclose(ensemble_probabilities(sites), mean, atol=1e-6)
+    assert torch.allclose(ensemble_probabilities(torch.stack(sites)), mean, atol=1e-6)
+    one_hot = torch.zeros(3, 4)
+    one_hot[1] = 1.0
+    assert torch.allclose(ensemble_probabilities(sites, one_hot), torch.softmax(sites[1], 1), atol=1e-6)
+    # temperature applies to each site's logits
+    mean_t = torch.stack([torch.softmax(f / 2.0, 1) for f in sites]).mean(0)
+    assert torch.allclose(ensemble_probabilities(sites, temperature=2.0), mean_t, atol=1e-6)
+
+
+def test_ensemble_class_share_weights_match_renormalised_sum():
+    sites = [torch.randn(6, 3) for _ in range(2)]
+    w = site_weights([[10, 0, 5], [30, 4, 5]], 3)
+    probs = torch.stack([torch.softmax(f, 1) for f in sites])
+    mixed = (w[:, None, :] * probs).sum(0)
+    expected = mixed / mixed.sum(1, keepdim=True)
+    got = ensemble_probabilities(sites, w)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(ensemble_log_probabilities(sites, w).exp().sum(1), torch.ones(6), atol=1e-6)
+
+
+def test_ensemble_huge_logits_finite_gradients():
+    sites = [(torch.randn(4, 3, 2, 2) * 1e4).requires_grad_() for _ in range(3)]
+    w = site_weights([[1, 0, 0], [0, 1, 0], [1, 1, 1]], 3)
+    log_p = ensemble_log_probabilities(sites, w)
+    assert _finite(log_p)
+    log_p.sum().backward()
+    for f in sites:
+        assert _finite(f.grad)
+
+
+# ------------------------------------------------------------------------------------------- distillation
+def test_distillation_kl_zero_on_match_positive_otherwise():
+    student = torch.randn(8, 5)
+    teacher = torch.softmax(student, 1)
+    assert abs(num(DistillationLoss()(student, teacher))) < 1e-6
+    other = torch.softmax(torch.randn(8, 5), 1)
+    value = DistillationLoss()(student, other)
+    expected = F.kl_div(torch.log_softmax(student, 1), other, reduction="batchmean")
+    assert num(value) > 0
+    assert num(value) == pytest.approx(num(expected), rel=1e-5)
+    # teacher given as log-probabilities or logits gives the same value
+    log_other = other.log()
+    assert num(DistillationLoss(teacher_input="log_probs")(student, log_other)) == pytest.approx(num(value), rel=1e-5)
+    assert num(DistillationLoss(teacher_input="logits")(student, log_other)) == pytest.approx(num(value), rel=1e-5)
+
+
+def test_distillation_temperature_squared_scaling():
+    student, teacher_logits = torch.randn(6, 4), torch.randn(6, 4)
+    t = 3.0
+    teacher = torch.softmax(teacher_logits / t, 1)
+    kl = F.kl_div(torch.log_softmax(student / t, 1), teacher, reduction="batchmean")
+    value = DistillationLoss(temperature=t)(student, teacher)
+    assert num(value) == pytest.approx(t * t * num(kl), rel=1e-5)
+    assert num(DistillationLoss(weight=0.5, temperature=t)(student, teacher)) == pytest.approx(0.5 * num(value), rel=1e-6)
+
+
+def test_distillation_mse_equals_mse_loss():
+    student, teacher = torch.randn(4, 3, 5, 5, 5), torch.randn(4, 3, 5, 5, 5)
+    value = DistillationLoss(mode="mse")(student, teacher)
+    assert num(value) == pytest.approx(num(F.mse_loss(student, teacher)), rel=1e-6)
+    with pytest.raises(ValueError):
+        DistillationLoss(mode="mse", teacher_input="probs")
+
+
+def test_distillation_voxelwise_shapes():
+    student = torch.randn(2, 4, 3, 5, 6, requires_grad=True)
+    teacher = ensemble_probabilities([torch.randn(2, 4, 3, 5, 6) for _ in range(3)])
+    per_voxel = DistillationLoss(reduction="none")(student, teacher)
+    assert per_voxel.shape == (2, 3, 5, 6)
+    value = DistillationLoss()(student, teacher)
+    assert value.detach().item() == pytest.approx(per_voxel.mean().detach().item(), rel=1e-6)
+    value.backward()
+    assert _finite(student.grad) and num(student.grad.abs().sum()) > 0
+    # a one-hot teacher (zeros) and saturated student stay finite
+    hard = F.one_hot(torch.randint(0, 4, (2, 3, 5, 6)), 4).permute(0, 4, 1, 2, 3).float()
+    assert _finite(DistillationLoss()(student.detach() * 1e4, hard))
+
+
+def test_weight_zero_keeps_graph():
+    f = torch.randn(4, 3, requires_grad=True)
+    value = ConsensusLoss(weight=0.0)([f, f * 2])
+    assert value.detach().item() == 0.0 and value.requires_grad
+    value.backward()
+    assert num(f.grad.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ entropy
+def test_entropy_bounds_and_per_site():
+    n = 6
+    equal = torch.zeros(3, n, 4, 4)
+    assert num(EntropyLoss()(equal)) == pytest.approx(math.log(n), rel=1e-6)
+    confident = torch.zeros(3, n)
+    confident[:, 2] = 1e4
+    assert num(EntropyLoss()(confident)) == pytest.approx(0.0, abs=1e-6)
+    per_site = EntropyLoss(weight=2.0)([equal[:, :, 0, 0], confident])
+    assert per_site.shape == (2,)
+    assert torch.allclose(per_site, torch.tensor([2 * math.log(n), 0.0]), atol=1e-5)
+    f = (torch.randn(5, n) * 1e4).requires_grad_()
+    EntropyLoss()(f).backward()
+    assert _finite(f.grad)
+
+
+# ------------------------------------------------------------------------------------------------ balance
+def test_balance_zero_when_batch_mean_equals_prior():
+    n = 4
+    logits = torch.eye(n) * 3.0  # sample i favours class i: by symmetry the batch mean is uniform
+    log_p = torch.log_softmax(logits, 1)
+    assert abs(num(BalanceLoss()(log_p))) < 1e-6
+    prior = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    probs = prior.expand(5, n).clone()
+    assert abs(num(BalanceLoss(prior=prior)(probs.log()))) < 1e-6
+    assert abs(num(BalanceLoss(prior=prior, input_type="probs")(probs))) < 1e-6
+    # segmentation: pooled over samples and voxels
+    seg = prior.reshape(1, n, 1, 1, 1).expand(2, n, 3, 3, 3).log()
+    assert abs(num(BalanceLoss(prior=prior * 7)(seg))) < 1e-6
+    assert num(BalanceLoss(prior=prior)(torch.log_softmax(torch.randn(2, n, 3, 3, 3), 1))) > 0
+
+
+@pytest.mark.parametrize("scale", [30.0, 1e4])
+def test_balance_collapse_gives_finite_positive_value_and_gradient(scale):
+    n, k = 3, 2
+    collapsed = torch.zeros(k, 8, n, 4, 4)
+    collapsed[:, :, 0] = scale  # every site and sample confidently predicts class 0
+    sites = collapsed.clone().requires_grad_()
+    log_p = ensemble_log_probabilities(sites)
+    value = BalanceLoss()(log_p)
+    assert _finite(value) and value.detach().item() > 0
+    value.backward()
+    assert _finite(sites.grad)
+    assert num(sites.grad.abs().sum()) > 0
+    # gradient pushes the unused classes up: d value / d f_c < 0 for c = 1, 2
+    assert num(sites.grad[:, :, 1:].max()) < 0
+
+
+# ------------------------------------------------------------------------------------------ conditional CE
+def test_conditional_ce_matches_nll_classification_and_voxelwise():
+    sites = [torch.randn(6, 4, requires_grad=True) for _ in range(2)]
+    log_p = ensemble_log_probabilities(sites)
+    target = torch.randint(0, 4, (6,))
+    value = ConditionalCrossEntropyLoss()(log_p, target)
+    assert num(value) == pytest.approx(num(F.nll_loss(log_p, target)), rel=1e-6)
+    value.backward()
+    assert all(num(f.grad.abs().sum()) > 0 for f in sites)
+
+    seg = ensemble_log_probabilities([torch.randn(2, 3, 4, 5, 6) for _ in range(2)])
+    target = torch.randint(0, 3, (2, 4, 5, 6))
+    expected = F.nll_loss(seg, target)
+    assert num(ConditionalCrossEntropyLoss()(seg, target)) == pytest.approx(num(expected), rel=1e-6)
+    assert num(ConditionalCrossEntropyLoss()(seg, target.unsqueeze(1).float())) == pytest.approx(num(expected), rel=1e-6)
+    assert ConditionalCrossEntropyLoss(reduction="none")(seg, target).shape == (2, 4, 5, 6)
+
+
+# --------------------------------------------------------------------------------------------- adversarial
+def test_adversarial_bounds_mask_and_no_student_gradient():
+    weight = 0.7
+    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0]], requires_grad=True)
+    site = torch.tensor([[1.0, 0.5, 0.0], [4.0, 0.0, 0.0]], requires_grad=True)  # agrees on 0, disagrees on 1
+    log_ens = ensemble_log_probabilities([site])
+    per_sample = AdversarialLoss(weight=weight, reduction="none")(student, log_ens)
+    assert num(per_sample[1]) == 0.0  # masked: argmax differs
+    assert -weight < num(per_sample[0]) < 0.0
+    value = AdversarialLoss(weight=weight)(student, log_ens)
+    assert -weight <= num(value) <= 0.0
+    value.backward()
+    assert student.grad is None
+    assert site.grad is not None and num(site.grad[0].abs().sum()) > 0
+    assert num(site.grad[1].abs().sum()) == 0.0
+
+
+def test_adversarial_bounded_for_huge_logits_voxelwise():
+    student = torch.randn(2, 3, 4, 4, 4) * 1e4
+    sites = [(torch.randn(2, 3, 4, 4, 4) * 1e4).requires_grad_() for _ in range(2)]
+    for bound in ("exp", "tanh"):
+        value = AdversarialLoss(weight=2.0, bound=bound)(student, ensemble_log_probabilities(sites))
+        assert -2.0 <= num(value) <= 0.0
+        value.backward()
+        assert all(_finite(f.grad) for f in sites)
+
+
+def test_adversarial_probability_input_and_input_kind_checks():
+    student = torch.randn(5, 3, 4, 4)
+    sites = [torch.randn(5, 3, 4, 4) for _ in range(2)]
+    log_ens = ensemble_log_probabilities(sites)
+    a = AdversarialLoss()(student, log_ens)
+    b = AdversarialLoss(ensemble_input="probs")(student, log_ens.exp())
+    assert num(a) == pytest.approx(num(b), rel=1e-5)
+    with pytest.raises(ValueError, match="log-probabilities"):
+        AdversarialLoss()(student, log_ens.exp())  # probabilities where log-probabilities are expected
+    with pytest.raises(ValueError, match="log-probabilities"):
+        BalanceLoss()(log_ens.exp())
+    with pytest.raises(ValueError, match="log-probabilities"):
+        ConditionalCrossEntropyLoss()(log_ens.exp(), torch.zeros(5, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="probabilities in"):
+        DistillationLoss()(student, log_ens)  # log-probabilities where probabilities are expected
+
+
+# ---------------------------------------------------------------------------------------- image priors
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (2, 2, 4, 5, 6)])
+def test_total_variation(shape):
+    tv = TotalVariationLoss()
+    assert num(tv(torch.full(shape, 3.0))) == 0.0
+    x = torch.randn(shape, requires_grad=True)
+    value = tv(x)
+    assert num(value) > 0
+    value.backward()
+    assert _finite(x.grad)
+    # a ramp along the last axis: |difference| = 1 there, 0 elsewhere
+    ramp = torch.arange(shape[-1], dtype=torch.float32).expand(shape)
+    assert num(tv(ramp)) == pytest.approx(1.0)
+    assert tv.__class__(reduction="none")(x).shape == (shape[0],)
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm3d(4)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_bn_statistics_zero_on_matching_stats_positive_otherwise():
+    net = _BNNet().eval()
+    x = torch.randn(4, 1, 6, 6, 6)
+    with torch.no_grad():
+        h = net.conv(x)
+        net.bn.running_mean.copy_(h.mean((0, 2, 3, 4)))
+        net.bn.running_var.copy_(h.var((0, 2, 3, 4), unbiased=False))
+    assert num(bn_statistics_loss(net, x)) < 1e-5
+
+    x_other = (torch.randn(4, 1, 6, 6, 6) * 3 + 1).requires_grad_()
+    reference = num(bn_statistics_loss(net, x_other))
+    loss = BatchNormStatisticsLoss(weight=2.0)
+    assert loss.attach(net) == 1
+    net(x_other)
+    value = loss()
+    assert num(value) > 0.1
+    assert num(value) == pytest.approx(2 * reference, rel=1e-5)
+    value.backward()
+    assert _finite(x_other.grad) and num(x_other.grad.abs().sum()) > 0
+    assert loss() is None  # records cleared after each call
+    net(x_other)
+    loss.reset()  # alias of clear()
+    assert loss.value() is None
+    net(x_other)
+    assert num(loss.value()) == pytest.approx(2 * reference, rel=1e-5)
+    loss.detach()
+    net(x_other)
+    assert loss() is None  # hooks removed
+
+
+def test_has_batchnorm():
+    from monai.networks.nets import UNet
+
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1, norm="instance")
+    assert not has_batchnorm(unet)
+    assert bn_statistics_loss(unet, torch.randn(1, 1, 8, 8, 8)) is None
+    assert has_batchnorm(_BNNet())
