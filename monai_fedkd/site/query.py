@@ -27,7 +27,7 @@ from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
 from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
-from monai_fedkd.networks.discriminators import build_discriminator, discriminator_loss, realism_loss
+from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
 
@@ -44,7 +44,7 @@ class QuerySite:
         name: site name (default: the card's).
         real_datalist: the site's own datalist; its ``real_key`` images train the site's discriminator. Without it
             the site has no discriminator and reports no realism term.
-        discriminator: keyword arguments of :func:`build_discriminator` (``spatial_dims``/``in_channels`` from the card).
+        discriminator: keyword arguments of :class:`PatchDiscriminatorScore` (``spatial_dims``/``in_channels`` from the card).
         discriminator_lr: Adam learning rate of the discriminator.
         real_batch_size: real images per discriminator step (default: the query batch size).
         max_real: keep at most this many real images in memory (``None``: all).
@@ -89,7 +89,7 @@ class QuerySite:
             self.real_images = self._load_real_images(real_datalist, real_key, max_real)
             torch.manual_seed(self.seed)  # the discriminator's initialisation belongs to the site's seed
             kwargs = {"spatial_dims": self.card["spatial_dims"], "in_channels": self.spec["channels"], **dict(discriminator or {})}
-            self.discriminator = build_discriminator(**kwargs).to(self.device)
+            self.discriminator = PatchDiscriminatorScore(**kwargs).to(self.device)
             self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=discriminator_lr, betas=(0.5, 0.999))
 
     # ---- data ------------------------------------------------------------------------------------------------
@@ -136,16 +136,16 @@ class QuerySite:
         values: dict[str, float] = {}
         local = logits.new_zeros(())
         entropy = self._entropy(logits)
-        values["entropy"] = float(entropy)
+        values["entropy"] = float(entropy.detach())
         local = local + float(weights.get("entropy", 0.0)) * entropy
         if self._bn is not None:
             bn = self._bn.value()
-            values["bn_statistics"] = float(bn)
+            values["bn_statistics"] = float(bn.detach())
             local = local + float(weights.get("bn_statistics", 0.0)) * bn
         if self.discriminator is not None:
             self.discriminator.eval()
             realism = realism_loss(self.discriminator(x), mode=self.d_mode)
-            values["realism"] = float(realism)
+            values["realism"] = float(realism.detach())
             local = local + float(weights.get("realism", 0.0)) * realism
         grad = None
         if request.want_input_grad and local.requires_grad:

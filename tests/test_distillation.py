@@ -1,0 +1,261 @@
+"""Central distillation in query mode: protocol, privacy boundary, resume, faults, and end-to-end bundle runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import dataset_info, run_bundle
+from monai_fedkd.networks import build_network
+from monai_fedkd.networks.generators import ConditionalGenerator
+from monai_fedkd.pipeline import dataset_overrides
+from monai_fedkd.server import CentralDistillation, check_site_cards
+from monai_fedkd.site import load_site_model, read_site_card
+from monai_fedkd.site.query import QuerySite
+from monai_fedkd.transport import InProcessTransport, QueryRequest, SiteAnswerError
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cls_sites(pneumonia_dir, tmp_path_factory):
+    """Two PneumoniaMNIST sites with different architectures (a MONAI Classifier and a small DenseNet)."""
+    root = tmp_path_factory.mktemp("cls_sites")
+    bundle, overrides = dataset_overrides(dataset_info(pneumonia_dir))
+    datalist = str(pneumonia_dir / "datalist.json")
+    _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteA"), "max_epochs": 1, **overrides}))
+    dense = {"network_def": {"_target_": "monai_fedkd.networks.build_network", "name": "DenseNet", "spatial_dims": 2, "in_channels": 1,
+                             "out_channels": 2, "init_features": 8, "growth_rate": 8, "block_config": [2, 2], "bn_size": 2}}
+    _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteB"), "max_epochs": 1, "seed": 1, **overrides, **dense}))
+    return [(root / "siteA", datalist), (root / "siteB", datalist)]
+
+
+def _sites(cls_sites, tmp_path, **kw):
+    return [QuerySite(d, real_datalist=dl, seed=7 + i, state_dir=tmp_path / "site_state" / Path(d).name, **kw) for i, (d, dl) in enumerate(cls_sites)]
+
+
+def _distiller(transport, tmp_path, out="central", **kw):
+    spec = check_site_cards(transport.site_cards())
+    torch.manual_seed(0)
+    gen = build_network("monai_fedkd.networks.generators.ConditionalGenerator", spatial_dims=2, out_channels=1, spatial_size=spec["spatial_size"],
+                        num_classes=spec["num_classes"], latent_dim=16, base_channels=8, init_mean=0.4)
+    student = build_network("Classifier", in_shape=[1, 28, 28], classes=2, channels=[8, 16], strides=[2, 2], num_res_units=0)
+    args = dict(iterations=4, batch_size=8, student_steps=2, student_batch_size=8, cache_size=32, checkpoint_interval=2,
+                montage_interval=2, seed=3, progress=False)
+    args.update(kw)
+    return CentralDistillation(transport, gen, student, tmp_path / out, **args)
+
+
+class SpyTransport(InProcessTransport):
+    """Records every tensor that crosses between server and sites."""
+
+    def __init__(self, sites):
+        super().__init__(sites)
+        self.crossed: list[torch.Tensor] = []
+
+    def query(self, request, sites=None):
+        self.crossed.append(request.inputs)
+        answers = super().query(request, sites)
+        for a in answers.values():
+            self.crossed += [a.logits] + ([a.local_input_grad] if a.local_input_grad is not None else [])
+        return answers
+
+    def vjp(self, cotangents):
+        self.crossed += list(cotangents.values())
+        out = super().vjp(cotangents)
+        self.crossed += list(out.values())
+        return out
+
+
+def test_no_site_parameter_reaches_the_server(cls_sites, tmp_path):
+    sites = _sites(cls_sites, tmp_path)
+    transport = SpyTransport(sites)
+    distiller = _distiller(transport, tmp_path, iterations=2)
+    distiller.run()
+    site_params = [p for s in sites for m in (s.network, s.discriminator) for p in m.parameters()]
+    assert transport.crossed
+    batch = 8
+    for t in transport.crossed:
+        # every payload is shaped like an input batch (B, C, H, W) or an output batch (B, N)
+        assert tuple(t.shape) in {(batch, 1, 28, 28), (batch, 2)}, tuple(t.shape)
+        for p in site_params:
+            assert not (t.shape == p.shape and torch.equal(t, p.detach()))
+    # the server object graph holds no site module
+    site_modules = {id(m) for s in sites for m in (s.network, s.discriminator)}
+    seen = set()
+
+    def walk(obj, depth=0):
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        assert id(obj) not in site_modules, "the server holds a site network"
+        if isinstance(obj, torch.nn.Module):
+            return
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, InProcessTransport) else []
+        for v in items:
+            walk(v, depth + 1)
+
+    walk(distiller)
+    stats = transport.stats()
+    assert all(s["queries"] == 2 and s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in stats.values())
+
+
+def test_outputs_card_and_montages(cls_sites, tmp_path):
+    distiller = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path)
+    model_path = distiller.run()
+    out = model_path.parents[1]
+    net, card = load_site_model(out)
+    assert card["role"] == "central" and card["task"] == "classification"
+    assert set(card["sites"]) == {"siteA", "siteB"}
+    for s in card["sites"].values():
+        assert s["transport"]["queries"] == 4 and s["transport"]["vjps"] >= 1
+    w = torch.tensor(list(card["expertise_weights"].values()))
+    torch.testing.assert_close(w.sum(0), torch.ones(2))
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+    assert sorted(p.name for p in (out / "montages").glob("*.png")) == ["iter_000002.png", "iter_000004.png"]
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
+    reference = _distiller(InProcessTransport(_sites(cls_sites, tmp_path / "a")), tmp_path / "a", iterations=6).run()
+    crashing = _distiller(InProcessTransport(_sites(cls_sites, tmp_path / "b")), tmp_path / "b", iterations=6)
+    original = crashing._step
+
+    def crash_at_5(engine, batch):
+        if engine.state.iteration == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original(engine, batch)
+
+    crashing._step = crash_at_5
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()
+    out_b = tmp_path / "b" / "central"
+    assert not (out_b / "models" / "model.pt").exists(), "a killed run must not leave a complete-looking model"
+    resumed = _distiller(InProcessTransport(_sites(cls_sites, tmp_path / "b")), tmp_path / "b", iterations=6, resume=True).run()
+    a, b = torch.load(reference, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+def test_cards_that_disagree_name_the_sites(cls_sites, tmp_path):
+    a = read_site_card(cls_sites[0][0])
+    b = json.loads(json.dumps(a))
+    b["classes"]["num_classes"] = 3
+    with pytest.raises(ValueError, match=r"num_classes.*siteA=2.*siteX=3"):
+        check_site_cards({"siteA": a, "siteX": b})
+    b = json.loads(json.dumps(a))
+    b["spatial_dims"] = 3
+    with pytest.raises(ValueError, match="spatial_dims"):
+        check_site_cards({"siteA": a, "siteX": b})
+
+
+class NaNSite(QuerySite):
+    def answer(self, request):
+        ans = super().answer(request)
+        if request.step >= 1:
+            ans.logits = torch.full_like(ans.logits, float("nan"))
+        return ans
+
+
+def test_site_answering_nan_is_named_or_dropped(cls_sites, tmp_path):
+    (d0, dl0), (d1, dl1) = cls_sites
+    good = QuerySite(d0, real_datalist=dl0, state_dir=tmp_path / "s0")
+    bad = NaNSite(d1, name="broken", real_datalist=dl1, state_dir=tmp_path / "s1")
+    with pytest.raises(SiteAnswerError, match="broken.*NaN"):
+        _distiller(InProcessTransport([good, bad]), tmp_path, out="c1").run()
+    assert not (tmp_path / "c1" / "models" / "model.pt").exists()
+    good = QuerySite(d0, real_datalist=dl0, state_dir=tmp_path / "s0")
+    bad = NaNSite(d1, name="broken", real_datalist=dl1, state_dir=tmp_path / "s1")
+    path = _distiller(InProcessTransport([good, bad]), tmp_path, out="c2", drop_failed_sites=True).run()
+    card = json.loads((path.parents[1] / "central_card.json").read_text())
+    assert "step 1" in card["sites"]["broken"]["dropped"] and card["sites"][good.name]["dropped"] is None
+    assert list(card["expertise_weights"]) == [good.name]
+
+
+def test_site_refuses_inputs_outside_its_spec(cls_sites, tmp_path):
+    site = QuerySite(cls_sites[0][0])
+    with pytest.raises(SiteAnswerError, match="shape"):
+        site.answer(QueryRequest(torch.rand(2, 3, 28, 28), step=0))
+    with pytest.raises(SiteAnswerError, match="value range"):
+        site.answer(QueryRequest(torch.rand(2, 1, 28, 28) * 5, step=0))
+    with pytest.raises(SiteAnswerError, match="before any query"):
+        site.vjp(torch.zeros(2, 2))
+
+
+def test_missing_site_directory_is_named(tmp_path):
+    from monai_fedkd.site.card import SiteCardError
+
+    with pytest.raises(SiteCardError, match="nowhere"):
+        QuerySite(tmp_path / "nowhere")
+
+
+def test_vjp_matches_autograd_through_the_site_network(cls_sites):
+    site = QuerySite(cls_sites[1][0])
+    x = torch.rand(3, 1, 28, 28)
+    ans = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 0.0}))
+    c = torch.randn_like(ans.logits)
+    v = site.vjp(c)
+    net, _ = load_site_model(cls_sites[1][0])
+    xr = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((net(xr) * c).sum(), xr)
+    torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-6)
+
+
+# ---- end to end through `python -m monai.bundle run` ----------------------------------------------------------
+
+def _sites_json(path: Path, entries) -> Path:
+    path.write_text(json.dumps([{"name": Path(d).name, "dir": str(d), "datalist": str(dl)} for d, dl in entries]))
+    return path
+
+
+def test_bundle_2d_classification(cls_sites, tmp_path):
+    sites = _sites_json(tmp_path / "sites.json", cls_sites)
+    out = tmp_path / "central"
+    _ok(run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(out), "iterations": 3, "batch_size": 8,
+                                                          "student_batch_size": 8, "checkpoint_interval": 2, "montage_interval": 2}))
+    net, card = load_site_model(out)
+    assert card["iterations"] == 3 and card["network_def"]["name"] == "monai.networks.nets.Classifier"
+
+
+def test_bundle_3d_classification(adrenal_dir, tmp_path):
+    bundle, overrides = dataset_overrides(dataset_info(adrenal_dir))
+    datalist = str(adrenal_dir / "datalist.json")
+    entries = []
+    for k in range(2):
+        d = tmp_path / f"adrenal{k}"
+        _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(d), "max_epochs": 1, "batch_size": 8, "seed": k, **overrides}))
+        entries.append((d, datalist))
+    out = tmp_path / "central"
+    _ok(run_bundle("central_distillation", "train.json", {"sites": str(_sites_json(tmp_path / "sites.json", entries)), "output_dir": str(out),
+                                                          "iterations": 2, "batch_size": 4, "student_batch_size": 4, "generator_def#base_channels": 8}))
+    net, card = load_site_model(out)
+    assert card["spatial_dims"] == 3 and net(torch.rand(1, 1, 28, 28, 28)).shape == (1, 2)
+    assert (out / "montages" / "iter_000002.png").exists()
+
+
+def test_bundle_3d_segmentation(ixi_dir, tmp_path):
+    from test_site_bundles import SEG_SMALL
+
+    bundle, overrides = dataset_overrides(dataset_info(ixi_dir))
+    datalist = str(ixi_dir / "datalist.json")
+    entries = []
+    for k in range(2):
+        d = tmp_path / f"ixi{k}"
+        _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(d), "seed": k, **overrides, **SEG_SMALL}))
+        entries.append((d, datalist))
+    out = tmp_path / "central"
+    _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
+                   {"sites": str(_sites_json(tmp_path / "sites.json", entries)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
+                    "student_batch_size": 2, "generator_def#base_channels": 8, "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}))
+    net, card = load_site_model(out)
+    assert card["task"] == "segmentation"
+    assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 6, 16, 16, 16)
+    assert (out / "montages" / "iter_000002.png").exists()
