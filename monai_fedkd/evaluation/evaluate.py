@@ -160,42 +160,23 @@ def class_count_weights(
         class and the other sites share the remaining ``(K - m)/K`` in proportion to their counts (``m``:
         sites without counts). A class that no site with counts holds gets equal weights ``1/K``.
     """
+    from monai_fedkd.losses import site_weights, withheld_sites
+
     k_sites = len(class_counts)
     if k_sites == 0:
         raise EvaluationError("class_count_weights needs at least one site")
     names = list(names) if names is not None else [f"site {k}" for k in range(k_sites)]
-    known = [k for k, c in enumerate(class_counts) if c is not None]
-    if not known:
+    if all(c is None for c in class_counts) and num_classes is None:
         logger.warning("no site publishes class counts: ensemble_weighted uses equal weights (same as ensemble_mean)")
-        return np.full((k_sites, num_classes or 1), 1.0 / k_sites)
-    counts = {}
-    for k in known:
-        arr = np.asarray(class_counts[k], dtype=np.float64).ravel()
-        if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise EvaluationError(f"{names[k]}: class_counts {list(class_counts[k])} must be non-negative numbers")
-        counts[k] = arr
-    n_classes = {arr.size for arr in counts.values()}
-    if len(n_classes) != 1:
-        detail = "; ".join(f"{names[k]}: {arr.size}" for k, arr in counts.items())
-        raise EvaluationError(f"sites disagree on the number of classes in class_counts ({detail})")
-    n_cls = n_classes.pop()
-    if num_classes is not None and n_cls != num_classes:
-        raise EvaluationError(f"class_counts have {n_cls} entries but num_classes is {num_classes}")
-    weights = np.zeros((k_sites, n_cls))
-    missing = [k for k in range(k_sites) if k not in counts]
-    for k in missing:
+        return np.full((k_sites, 1), 1.0 / k_sites)
+    for k in withheld_sites(class_counts):
         logger.warning("%s publishes no class counts: it gets equal weight 1/%d for every class in ensemble_weighted", names[k], k_sites)
-        weights[k] = 1.0 / k_sites
-    share = (k_sites - len(missing)) / k_sites
-    stacked = np.stack([counts[k] for k in known])  # (K_known, C)
-    total = stacked.sum(0)
-    for c in range(n_cls):
-        if total[c] > 0:
-            weights[known, c] = share * stacked[:, c] / total[c]
-        else:
-            logger.info("no site counts any sample of class %d: equal ensemble weights for it", c)
-            weights[known, c] = 1.0 / k_sites
-    return weights
+    n_cls = num_classes or len(next(c for c in class_counts if c is not None))
+    try:
+        # one definition of the expertise weights, shared with the distillation
+        return site_weights(class_counts, n_cls).double().numpy()
+    except ValueError as e:
+        raise EvaluationError(f"class counts of {names}: {e}") from None
 
 
 def combine_probabilities(probs: Sequence[torch.Tensor | np.ndarray], weights: np.ndarray | torch.Tensor | None = None):
