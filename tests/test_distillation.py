@@ -241,19 +241,39 @@ def test_bundle_3d_classification(adrenal_dir, tmp_path):
     assert (out / "montages" / "iter_000002.png").exists()
 
 
-def test_bundle_3d_segmentation(ixi_dir, tmp_path):
+@pytest.fixture(scope="module")
+def seg_sites(ixi_dir, tmp_path_factory):
     from test_site_bundles import SEG_SMALL
 
+    root = tmp_path_factory.mktemp("seg_sites")
     bundle, overrides = dataset_overrides(dataset_info(ixi_dir))
     datalist = str(ixi_dir / "datalist.json")
     entries = []
     for k in range(2):
-        d = tmp_path / f"ixi{k}"
+        d = root / f"ixi{k}"
         _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(d), "seed": k, **overrides, **SEG_SMALL}))
         entries.append((d, datalist))
+    return entries
+
+
+def test_segmentation_site_discriminator_sees_real_patches(seg_sites):
+    site = QuerySite(seg_sites[0][0], real_datalist=seg_sites[0][1], seed=1)
+    size = site.card["input"]["spatial_size"]
+    a = site._real_batch(3, torch.Generator().manual_seed(0))
+    b = site._real_batch(3, torch.Generator().manual_seed(1))
+    assert tuple(a.shape) == (3, 1, *size)
+    assert not torch.equal(a, b), "patches are cut anew at every step"
+    torch.testing.assert_close(a, site._real_batch(3, torch.Generator().manual_seed(0)))
+    # one voxel-wise answer: logits for every voxel of the synthetic patch
+    ans = site.answer(QueryRequest(torch.rand(2, 1, *size), step=0, local_weights={"entropy": 1.0, "realism": 1.0}))
+    assert tuple(ans.logits.shape) == (2, site.card["classes"]["num_classes"], *size)
+    assert ans.local_input_grad.abs().sum() > 0 and {"entropy", "realism", "discriminator_loss"} <= set(ans.local_values)
+
+
+def test_bundle_3d_segmentation(seg_sites, tmp_path):
     out = tmp_path / "central"
     _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
-                   {"sites": str(_sites_json(tmp_path / "sites.json", entries)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
+                   {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                     "student_batch_size": 2, "generator_def#base_channels": 8, "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}))
     net, card = load_site_model(out)
     assert card["task"] == "segmentation"

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from monai.data import CacheDataset
-from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+from monai.transforms import Compose, SpatialPadd
 
 from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
@@ -84,7 +84,7 @@ class QuerySite:
         self.d_mode = discriminator_loss_mode
         self.real_batch_size = real_batch_size
         self.discriminator = None
-        self.real_images: torch.Tensor | None = None
+        self.real_images: torch.Tensor | list[torch.Tensor] | None = None
         if real_datalist is not None:
             self.real_images = self._load_real_images(real_datalist, real_key, max_real)
             torch.manual_seed(self.seed)  # the discriminator's initialisation belongs to the site's seed
@@ -99,12 +99,25 @@ class QuerySite:
             items = items[:max_real]
         xforms = card_preprocessing(self.card, with_label=False)
         if self.card["task"] == "segmentation":
-            # the server synthesizes patches of the site's training patch size; the discriminator sees real patches
-            size = self.spec["spatial_size"]
-            xforms += [SpatialPadd(keys="image", spatial_size=size), RandSpatialCropd(keys="image", roi_size=size, random_size=False)]
+            # whole volumes, padded to at least the patch size; patches are cut at sampling time
+            xforms.append(SpatialPadd(keys="image", spatial_size=self.spec["spatial_size"]))
         ds = CacheDataset([{"image": i["image"], **({"acquisition": i["acquisition"]} if "acquisition" in i else {})} for i in items],
-                          transform=Compose(xforms).set_random_state(seed=self.seed), progress=False)
-        return torch.stack([torch.as_tensor(ds[i]["image"]).float() for i in range(len(ds))]).to(self.device)
+                          transform=Compose(xforms), progress=False)
+        images = [torch.as_tensor(ds[i]["image"]).float().to(self.device) for i in range(len(ds))]
+        return images if self.card["task"] == "segmentation" else torch.stack(images)
+
+    def _real_batch(self, n: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.real_images), (n,), generator=g).tolist()
+        if self.card["task"] != "segmentation":
+            return self.real_images[idx]
+        # the server synthesizes patches of the site's training patch size: the discriminator sees real patches
+        size = self.spec["spatial_size"]
+        patches = []
+        for i in idx:
+            vol = self.real_images[i]
+            starts = [int(torch.randint(vol.shape[1 + d] - size[d] + 1, (1,), generator=g)) for d in range(len(size))]
+            patches.append(vol[(slice(None), *[slice(b, b + s) for b, s in zip(starts, size)])])
+        return torch.stack(patches)
 
     # ---- checks ----------------------------------------------------------------------------------------------
     def _check_inputs(self, x: torch.Tensor) -> None:
@@ -162,9 +175,7 @@ class QuerySite:
 
     def _update_discriminator(self, fake: torch.Tensor, step: int) -> float:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        n = self.real_batch_size or fake.shape[0]
-        idx = torch.randint(len(self.real_images), (n,), generator=g)
-        real = self.real_images[idx]
+        real = self._real_batch(self.real_batch_size or fake.shape[0], g)
         self.discriminator.train()
         self.d_optimizer.zero_grad(set_to_none=True)
         loss = discriminator_loss(self.discriminator(real), self.discriminator(fake), mode=self.d_mode)
