@@ -63,7 +63,7 @@ DEFAULT_WEIGHTS = {
     "balance": 1.0,          # batch-mean ensemble prediction matches the class prior
     "adversarial": 0.5,      # inputs where the student still disagrees with the ensemble
     "tv": 0.0,               # total-variation image prior
-    "entropy": 0.1,          # site-local: each site confident
+    "entropy": 0.0,          # site-local: each site confident (0.1 cost ~0.01 AUROC on PneumoniaMNIST: it removes boundary samples)
     "realism": 0.5,          # site-local: each site's discriminator finds the inputs real
     "bn_statistics": 0.0,    # site-local: BatchNorm statistics prior (only sites whose network has BatchNorm)
 }
@@ -239,6 +239,7 @@ class CentralDistillation:
         self.s_optimizer = torch.optim.Adam(self.student.parameters(), lr=student_lr)
         self.ema = _EMA(self.student, ema_decay)
         self.cache = SampleCache(cache_size)
+        self.temperature = float(temperature)
         self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature)
         self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
         self.terms = {
@@ -353,7 +354,9 @@ class CentralDistillation:
         for n in names:
             for k, v in answers[n].local_values.items():
                 out[f"site/{n}/{k}"] = v
-        self.cache.push(x.detach(), probs.detach())
+        with torch.no_grad():  # the student's soft targets: the ensemble at the distillation temperature
+            targets = probs if self.temperature == 1.0 else ensemble_log_probabilities(stacked.detach(), self.expertise, temperature=self.temperature).exp()
+        self.cache.push(x.detach(), targets)
 
         t0 = time.perf_counter()
         self.student.train()
