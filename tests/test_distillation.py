@@ -10,7 +10,6 @@ import torch
 
 from conftest import dataset_info, run_bundle
 from monai_fedkd.networks import build_network
-from monai_fedkd.networks.generators import ConditionalGenerator
 from monai_fedkd.pipeline import dataset_overrides
 from monai_fedkd.server import CentralDistillation, check_site_cards
 from monai_fedkd.site import load_site_model, read_site_card

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, dataset_info, require, run_bundle
+from conftest import dataset_info, require, run_bundle
 from monai_fedkd.pipeline import dataset_overrides
 from monai_fedkd.site import SITE_CARD_NAME, load_site_model, read_site_card
 

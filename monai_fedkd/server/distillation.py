@@ -24,10 +24,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from monai.utils import min_version, optional_import
 
