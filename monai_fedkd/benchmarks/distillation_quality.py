@@ -1,6 +1,7 @@
 """Quality of the central model against the sites and their ensemble, over seeds (the issue's targets).
 
-For every benchmark and seed the whole main job runs through the public interfaces (``run_pipeline``: prepare ->
+For every benchmark and seed the whole main job runs (site models already trained for the same split and seed in
+``--workdir`` are reused, so distillation variants are compared on identical site models) through the public interfaces (``run_pipeline``: prepare ->
 partition -> site bundles -> central_distillation bundle -> evaluation bundle); the seed changes the split, every
 initialisation and the generator's noise. Nothing is selected on test data: sites keep their best *site-validation*
 checkpoint and the central model is the EMA of the student's last iterates.
@@ -72,7 +73,7 @@ def run(name: str, seeds, mirror, workroot: Path, central_iterations: int | None
         workdir = workroot / name / f"seed{seed}"
         t0 = time.perf_counter()
         central = {"iterations": central_iterations} if central_iterations else {}
-        run_pipeline(workdir=workdir, data_dir=workroot / "data", mirror=mirror, seed=seed, central_overrides=central, **spec)
+        run_pipeline(workdir=workdir, data_dir=workroot / "data", mirror=mirror, seed=seed, central_overrides=central, reuse_sites=True, **spec)
         metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
         timings = json.loads((workdir / "timings.json").read_text())
         card = json.loads((workdir / "central" / "central_card.json").read_text())

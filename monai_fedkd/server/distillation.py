@@ -197,7 +197,7 @@ class CentralDistillation:
         temperature: float = 1.0,
         distill_mode: str = "kl",
         cache_size: int = 512,
-        ema_decay: float = 0.99,
+        ema_decay: float = 0.999,
         selection: str = "ema",
         checkpoint_interval: int = 50,
         montage_interval: int = 50,
