@@ -1,44 +1,9 @@
-"""Evaluation of site models, their ensembles and (later) distilled models on test datalists.
+"""Evaluation of site models, their ensembles and distilled models on test datalists.
 
 See :mod:`monai_fedkd.evaluation.evaluate` for the metrics and the output files.
 """
 
-from monai_fedkd.evaluation.evaluate import (
-    ENSEMBLE_MEAN,
-    ENSEMBLE_WEIGHTED,
-    POOLED,
-    EvaluationError,
-    add_evaluate_arguments,
-    check_ensemble_compatible,
-    class_count_weights,
-    classification_metrics,
-    combine_probabilities,
-    dice_per_class,
-    evaluate_models,
-    format_markdown,
-    kwargs_from_args,
-    main,
-    primary_table,
-    run_evaluate,
-    segmentation_metrics,
-)
+from monai_fedkd.evaluation import evaluate as _evaluate
+from monai_fedkd.evaluation.evaluate import *  # noqa: F401,F403  (the public API is evaluate.__all__)
 
-__all__ = [
-    "ENSEMBLE_MEAN",
-    "ENSEMBLE_WEIGHTED",
-    "POOLED",
-    "EvaluationError",
-    "add_evaluate_arguments",
-    "check_ensemble_compatible",
-    "class_count_weights",
-    "classification_metrics",
-    "combine_probabilities",
-    "dice_per_class",
-    "evaluate_models",
-    "format_markdown",
-    "kwargs_from_args",
-    "main",
-    "primary_table",
-    "run_evaluate",
-    "segmentation_metrics",
-]
+__all__ = list(_evaluate.__all__)
