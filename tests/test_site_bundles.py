@@ -244,3 +244,14 @@ def test_corrupt_dicom_series(tmp_path):
     out = tmp_path / "site"
     proc = run_bundle("site_classification", "train.json", _cls_overrides(datalist, out, spatial_dims=3, spatial_size=[16, 16, 16], intensity_range=None))
     _assert_failed_cleanly(proc, out, "DICOM series", victim.name)
+
+
+def test_items_with_missing_metadata_still_batch(ixi_dir, tmp_path):
+    """IXI subjects without participants.csv rows have age/sex null; such items must still batch."""
+    dst = tmp_path / "data"
+    shutil.copytree(ixi_dir, dst)
+    d = json.loads((dst / "datalist.json").read_text())
+    d["training"][0]["age"], d["training"][1]["age"] = None, 42.0
+    (dst / "datalist.json").write_text(json.dumps(d))
+    out = tmp_path / "site"
+    _assert_ok(run_bundle("site_segmentation", "train.json", {"datalist": str(dst / "datalist.json"), "output_dir": str(out), **SEG_SMALL, "batch_size": 2}))
