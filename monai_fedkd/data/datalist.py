@@ -31,6 +31,7 @@ def load_datalist(
     base_dir: str | os.PathLike | None = None,
     check_files: bool = True,
     allow_empty: bool = False,
+    fields: Sequence[str] | None = ("image", "label", "acquisition"),
 ) -> list[dict]:
     """Load ``datalist[key]`` with ``monai.data.load_decathlon_datalist`` after checking its layout.
 
@@ -38,6 +39,9 @@ def load_datalist(
     error, not a silent no-op); each item has ``image`` (and ``label`` when ``task`` is given) of the right
     kind for the task; classification labels lie in ``[0, num_classes)``; and, with ``check_files``, every
     referenced image/label exists (a DICOM series may be a directory).
+
+    Only ``fields`` of each item are returned (``None``: all): datalists may carry metadata such as subject, age
+    or sex, which training does not need and which cannot be batched when some items hold ``null``.
     """
     path = Path(datalist)
     if not path.is_file():
@@ -79,6 +83,8 @@ def load_datalist(
             if num_classes is not None and isinstance(label, list) and len(label) != num_classes:
                 raise DatalistError(f"{where}: multi-label vector has {len(label)} entries, num_classes={num_classes}")
     data = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=key, base_dir=base_dir)
+    if fields is not None:
+        data = [{k: v for k, v in item.items() if k in fields} for item in data]
     if check_files:
         for i, item in enumerate(data):
             for k in ("image", "label"):

@@ -170,8 +170,6 @@ def site_preprocessing(
     xforms.append(mt.EnsureTyped(keys=image_key, dtype=torch.float32))
     if seg and with_label:
         xforms.append(mt.EnsureTyped(keys=label_key, dtype=torch.long))
-    # datalist items may carry metadata (subject, age, sex, acquisition, ...) that batches cannot collate (None)
-    xforms.append(mt.SelectItemsd(keys=[image_key, label_key] if with_label else [image_key]))
     return xforms
 
 
