@@ -255,3 +255,19 @@ def test_items_with_missing_metadata_still_batch(ixi_dir, tmp_path):
     (dst / "datalist.json").write_text(json.dumps(d))
     out = tmp_path / "site"
     _assert_ok(run_bundle("site_segmentation", "train.json", {"datalist": str(dst / "datalist.json"), "output_dir": str(out), **SEG_SMALL, "batch_size": 2}))
+
+
+def test_inference_items_from_a_folder(tmp_path):
+    from monai_fedkd.data.datalist import DatalistError, inference_items
+
+    series = require("dicom_mr_series", "gre_field_mapping_2")
+    shutil.copytree(series, tmp_path / "series")
+    shutil.copy(next(require("ixi_hh", "t1").glob("*.nii.gz")), tmp_path / "study.nii.gz")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert sorted(Path(i["image"]).name for i in inference_items(tmp_path)) == ["series", "study.nii.gz"]
+    # DICOM files directly in the folder form one series
+    assert inference_items(tmp_path / "series") == [{"image": str(tmp_path / "series")}]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatalistError, match="no image files"):
+        inference_items(empty)

@@ -102,7 +102,7 @@ def load_datalists(datalists: Sequence[str | os.PathLike], key: str = "test", **
     return out
 
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mha", ".mhd", ".nrrd", ".dcm")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mha", ".mhd", ".nrrd")
 
 
 def inference_items(input_dir: str | os.PathLike | None = None, datalist: str | os.PathLike | None = None, key: str = "test") -> list[dict]:
@@ -117,14 +117,12 @@ def inference_items(input_dir: str | os.PathLike | None = None, datalist: str | 
     root = Path(input_dir)
     if not root.is_dir():
         raise DatalistError(f"input_dir {root} does not exist")
-    items = []
-    for p in sorted(root.iterdir()):
-        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".dcm"):
-            items.append({"image": str(p)})
-        elif p.is_dir() and any(f.is_file() for f in p.iterdir()):
-            items.append({"image": str(p)})  # a DICOM series directory
-    if not any(p.name.lower().endswith(".dcm") for p in root.iterdir()) and not items:
+    entries = sorted(root.iterdir())
+    items = [{"image": str(p)} for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
+    # each sub-folder with files is one DICOM series; DICOM files lying directly in the folder form one more
+    items += [{"image": str(p)} for p in entries if p.is_dir() and any(f.is_file() for f in p.iterdir())]
+    if any(p.is_file() and p.name.lower().endswith(".dcm") for p in entries):
+        items.append({"image": str(root)})
+    if not items:
         raise DatalistError(f"input_dir {root} holds no image files or DICOM series folders")
-    if any(p.name.lower().endswith(".dcm") for p in root.iterdir()):
-        items.append({"image": str(root)})  # DICOM files directly in the folder: one series
     return items

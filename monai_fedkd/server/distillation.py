@@ -262,6 +262,12 @@ class CentralDistillation:
         else:
             self.class_prior = None  # uniform: the generator draws target labels uniformly
 
+    def _refresh_site_weights(self) -> None:
+        """After the set of active sites changed: new expertise weights and (segmentation) class prior."""
+        self._set_site_weights()
+        if self.class_prior is not None:
+            self.terms["balance"].prior = self.class_prior
+
     def _drop_site(self, site: str, reason: str, step: int) -> None:
         if not self.drop_failed_sites:
             raise SiteAnswerError(site, reason)
@@ -270,8 +276,7 @@ class CentralDistillation:
         logger.warning("dropping site '%s' at step %d: %s", site, step, reason)
         if len(self.active_sites) < self.min_sites:
             raise RuntimeError(f"only {len(self.active_sites)} site(s) left after dropping {sorted(self.dropped)}; min_sites={self.min_sites}")
-        self._set_site_weights()
-        self.terms["balance"].prior = self.class_prior if self.class_prior is not None else self.terms["balance"].prior
+        self._refresh_site_weights()
 
     # ---- one iteration ----------------------------------------------------------------------------------------
     def _rng(self, step: int, stream: int) -> torch.Generator:
@@ -516,4 +521,4 @@ class CentralDistillation:
         if path.is_file():
             state = json.loads(path.read_text())
             self.active_sites, self.dropped, self.timing = state["active_sites"], state["dropped"], state["timing"]
-            self._set_site_weights()
+            self._refresh_site_weights()
