@@ -83,9 +83,14 @@ def train_site(site_datalist: Path, output_dir: Path, bundle: str, overrides: Ma
     return _run_logged(cmd, output_dir.with_name(output_dir.name + "_train.log"), f"site training {output_dir.name}")
 
 
-def _trained_with(site_dir: Path, seed: int) -> bool:
+def _trained_with(site_dir: Path, seed: int, max_epochs: int | None = None) -> bool:
+    """A finished site model from the same seed (and, when given, the same number of epochs)."""
     card = site_dir / "site_card.json"
-    return card.is_file() and json.loads(card.read_text()).get("seed") == seed
+    if not card.is_file():
+        return False
+    card = json.loads(card.read_text())
+    same_epochs = max_epochs is None or card.get("training", {}).get("epochs") == int(max_epochs)
+    return card.get("seed") == seed and same_epochs
 
 
 def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: Mapping[str, object]) -> Path:
@@ -151,7 +156,7 @@ def run_pipeline(
     site_dirs = []
     for k, site_file in enumerate(site_files):
         out = workdir / site_file.stem
-        if reuse_sites and _trained_with(out, seed + k):
+        if reuse_sites and _trained_with(out, seed + k, overrides.get("max_epochs")):
             logger.info("reusing the trained %s (same split, same seed)", site_file.stem)
             site_dirs.append(out)
             continue

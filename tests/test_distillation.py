@@ -122,6 +122,23 @@ def test_outputs_card_and_montages(cls_sites, tmp_path):
     assert any((out / "tensorboard").iterdir())
 
 
+def test_boundary_targets_and_diversity_term(cls_sites, tmp_path):
+    distiller = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, iterations=2, boundary_fraction=0.5,
+                           weights={"diversity": 0.5})
+    z, targets = distiller._sample(0)
+    assert targets.shape == (8, 2)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    mixed = (targets.max(1).values < 1).sum()
+    assert mixed == 4, "half of the batch has a two-class target"
+    z2, targets2 = distiller._sample(0)
+    torch.testing.assert_close(targets, targets2)  # the same draw on resume
+    distiller.run()
+    card = json.loads((tmp_path / "central" / "central_card.json").read_text())
+    assert card["boundary_fraction"] == 0.5 and card["weights"]["diversity"] == 0.5
+    with pytest.raises(ValueError, match="boundary_fraction"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, boundary_fraction=1.5)
+
+
 def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
     reference = _distiller(InProcessTransport(_sites(cls_sites, tmp_path / "a")), tmp_path / "a", iterations=6).run()
     crashing = _distiller(InProcessTransport(_sites(cls_sites, tmp_path / "b")), tmp_path / "b", iterations=6)

@@ -74,6 +74,19 @@ def test_label_conditioning_changes_output(condition):
     assert torch.allclose(same[0], same[2])
 
 
+def test_soft_labels_mix_class_embeddings():
+    torch.manual_seed(0)
+    g = small([28, 28], num_classes=3).eval()
+    z = torch.randn(2, 16)
+    hard = torch.tensor([0, 2])
+    torch.testing.assert_close(g(z, torch.nn.functional.one_hot(hard, 3).float()), g(z, hard))
+    half = torch.tensor([[0.5, 0.0, 0.5], [0.5, 0.0, 0.5]])
+    mixed = g(z, half)
+    assert (mixed - g(z, torch.tensor([0, 0]))).abs().max() > 1e-4 and (mixed - g(z, torch.tensor([2, 2]))).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="soft labels"):
+        g(z, torch.rand(2, 2))
+
+
 def test_labels_required_when_conditioned():
     g = small([28, 28], num_classes=2)
     with pytest.raises(ValueError, match="labels"):

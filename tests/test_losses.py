@@ -16,6 +16,7 @@ from monai_fedkd.losses import (
     ConditionalCrossEntropyLoss,
     ConsensusLoss,
     DistillationLoss,
+    DiversityLoss,
     EntropyLoss,
     TotalVariationLoss,
     bn_statistics_loss,
@@ -309,6 +310,24 @@ def test_conditional_ce_matches_nll_classification_and_voxelwise():
     assert ConditionalCrossEntropyLoss(reduction="none")(seg, target).shape == (2, 4, 5, 6)
 
 
+def test_conditional_ce_soft_targets():
+    sites = [torch.randn(5, 3, requires_grad=True) for _ in range(2)]
+    log_p = ensemble_log_probabilities(sites)
+    soft = torch.softmax(torch.randn(5, 3), 1)
+    value = ConditionalCrossEntropyLoss()(log_p, soft)
+    assert num(value) == pytest.approx(num(-(soft * log_p).sum(1).mean()), rel=1e-6)
+    # one-hot soft targets give the hard-label value
+    hard = torch.tensor([0, 2, 1, 1, 0])
+    assert num(ConditionalCrossEntropyLoss()(log_p, F.one_hot(hard, 3).float())) == pytest.approx(num(F.nll_loss(log_p, hard)), rel=1e-6)
+    # the minimum over ensembles is reached where the ensemble reproduces the soft target
+    at_target = ConditionalCrossEntropyLoss()(soft.log(), soft)
+    assert num(at_target) < num(value)
+    value.backward()
+    assert all(_finite(f.grad) and num(f.grad.abs().sum()) > 0 for f in sites)
+    with pytest.raises(ValueError, match="soft target"):
+        ConditionalCrossEntropyLoss()(log_p, torch.rand(5, 2))
+
+
 # --------------------------------------------------------------------------------------------- adversarial
 def test_adversarial_bounds_mask_and_no_student_gradient():
     weight = 0.7
@@ -367,6 +386,29 @@ def test_total_variation(shape):
     ramp = torch.arange(shape[-1], dtype=torch.float32).expand(shape)
     assert num(tv(ramp)) == pytest.approx(1.0)
     assert tv.__class__(reduction="none")(x).shape == (shape[0],)
+
+
+def test_diversity_zero_for_identical_inputs_and_rewards_spread():
+    z = torch.randn(6, 8)
+    same = torch.full((6, 1, 5, 5), 0.3, requires_grad=True)
+    value = DiversityLoss()(same, z)
+    assert num(value) == 0.0
+    value.backward()
+    assert _finite(same.grad)
+    spread = torch.rand(6, 1, 5, 5)
+    assert num(DiversityLoss()(spread, z)) < 0
+    assert num(DiversityLoss()(2 * spread, z)) == pytest.approx(2 * num(DiversityLoss()(spread, z)), rel=1e-5)
+    # pairs are taken within a class only: two classes, each with identical members -> zero
+    two = torch.cat([torch.zeros(3, 1, 5, 5), torch.ones(3, 1, 5, 5)])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert num(DiversityLoss()(two, z, labels)) == 0.0
+    assert num(DiversityLoss()(two, z)) < 0
+    assert num(DiversityLoss()(two[:2], z[:2], torch.tensor([0, 1]))) == 0.0  # no same-class pair
+    x = torch.rand(6, 1, 5, 5, requires_grad=True)
+    (DiversityLoss(weight=0.5)(x, z)).backward()
+    assert _finite(x.grad) and num(x.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="samples"):
+        DiversityLoss()(x, z[:3])
 
 
 class _BNNet(nn.Module):

@@ -7,7 +7,7 @@ Modules:
   (:func:`ensemble_log_probabilities`, :func:`ensemble_probabilities`);
 * :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
   :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`AdversarialLoss`;
-* :mod:`.priors` — image priors on x: :class:`TotalVariationLoss`, :class:`BatchNormStatisticsLoss`,
+* :mod:`.priors` — priors on x: :class:`TotalVariationLoss`, :class:`DiversityLoss`, :class:`BatchNormStatisticsLoss`,
   :func:`bn_statistics_loss`, :func:`has_batchnorm`.
 
 Conventions: logits ``(B, N)`` or ``(B, N, *spatial)`` with classes on dim 1; per-sample/voxel values are
@@ -26,7 +26,7 @@ from .distillation import (
     generalized_js_divergence,
 )
 from .ensemble import class_prior_from_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
-from .priors import BatchNormStatisticsLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
+from .priors import BatchNormStatisticsLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
 
 __all__ = [
     "AdversarialLoss",
@@ -35,6 +35,7 @@ __all__ = [
     "ConditionalCrossEntropyLoss",
     "ConsensusLoss",
     "DistillationLoss",
+    "DiversityLoss",
     "EntropyLoss",
     "TotalVariationLoss",
     "bn_statistics_loss",

@@ -319,6 +319,11 @@ class ConditionalCrossEntropyLoss(nn.Module):
     into every site's logits through the ensemble); ``target`` integer class indices ``(B,)`` for
     classification, ``(B, *spatial)`` or ``(B, 1, *spatial)`` for segmentation (voxel-wise). Reduction as the
     other terms (``"mean"`` over samples and voxels). Value ``>= 0``; finite for finite logits.
+
+    A classification ``target`` may also be soft, ``(B, N)`` class distributions: the value is then the
+    cross-entropy ``-sum_c target_c log p_c`` (minimal, equal to the target's entropy, where the ensemble
+    reproduces the target), which asks the generator for inputs *between* classes: the samples near the sites'
+    decision boundary that rank cases for AUROC.
     """
 
     def __init__(self, weight: float = 1.0, reduction: str = "mean") -> None:
@@ -330,6 +335,11 @@ class ConditionalCrossEntropyLoss(nn.Module):
         check_logits(ensemble_log_probs, "ensemble_log_probs")
         _check_kind(ensemble_log_probs, "log_probs", "ConditionalCrossEntropyLoss")
         target = torch.as_tensor(target, device=ensemble_log_probs.device)
+        if ensemble_log_probs.ndim == 2 and target.ndim == 2 and target.is_floating_point():
+            if target.shape != ensemble_log_probs.shape:
+                raise ValueError(f"soft target must have shape {tuple(ensemble_log_probs.shape)}, got {tuple(target.shape)}")
+            per_sample = -(target.to(ensemble_log_probs.dtype) * ensemble_log_probs).sum(1)
+            return self.weight * (per_sample.sum() if self.reduction == "sum" else per_sample if self.reduction == "none" else per_sample.mean())
         if target.ndim == ensemble_log_probs.ndim and target.ndim > 2 and target.shape[1] == 1:
             target = target.squeeze(1)
         expected = (ensemble_log_probs.shape[0], *ensemble_log_probs.shape[2:])

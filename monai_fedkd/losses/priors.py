@@ -1,4 +1,4 @@
-"""Image priors on the synthetic inputs ``x``: total variation and BatchNorm statistics matching."""
+"""Priors on the synthetic inputs ``x``: total variation, BatchNorm statistics matching and batch diversity."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import check_reduction, check_weight
 
-__all__ = ["TotalVariationLoss", "BatchNormStatisticsLoss", "bn_statistics_loss", "has_batchnorm"]
+__all__ = ["TotalVariationLoss", "DiversityLoss", "BatchNormStatisticsLoss", "bn_statistics_loss", "has_batchnorm"]
 
 
 class TotalVariationLoss(nn.Module):
@@ -46,6 +46,42 @@ class TotalVariationLoss(nn.Module):
             else:
                 total = total + diff.flatten(1).mean(1)
         return self.weight * total
+
+
+class DiversityLoss(nn.Module):
+    """Mode-seeking diversity term: different latent codes of the same class must give different inputs.
+
+    A conditional generator tends to collapse every sample of a class onto one input the sites call that class
+    confidently; the student then sees one point per class. Following the mode-seeking idea (Mao et al.,
+    CVPR 2019), for every pair ``(i, j)`` of samples with the same ``labels`` (all pairs when ``labels`` is
+    None) the value is ``-weight * mean_pairs(d_x(i, j) / d_z(i, j))`` with ``d_x`` the mean absolute difference
+    of the two inputs and ``d_z`` that of their latent codes. It is ``<= 0``, zero for a batch of identical
+    inputs, and bounded below because the generator's output range is bounded; its gradient w.r.t. ``x`` is
+    finite (subgradient 0 where two inputs coincide). Returns zero when no pair exists.
+
+    Args:
+        weight: scale of the returned value.
+        eps: added to ``d_z`` (two identical latent codes would otherwise divide by zero).
+    """
+
+    def __init__(self, weight: float = 1.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = check_weight(weight)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but z has {z.shape[0]}")
+        n = x.shape[0]
+        i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+        if labels is not None:
+            same = labels[i] == labels[j]
+            i, j = i[same], j[same]
+        if i.numel() == 0:
+            return x.new_zeros(())
+        d_x = (x[i] - x[j]).abs().flatten(1).mean(1)
+        d_z = (z[i] - z[j]).abs().flatten(1).mean(1).detach()
+        return -self.weight * (d_x / (d_z + self.eps)).mean()
 
 
 def has_batchnorm(network: nn.Module) -> bool:

@@ -275,17 +275,23 @@ class ConditionalGenerator(nn.Module):
         return x
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``z``: ``(B, latent_dim)``; ``labels``: ``(B,)`` class indices (required when conditioning on labels)."""
+        """``z``: ``(B, latent_dim)``; ``labels``: ``(B,)`` class indices or ``(B, num_classes)`` float class
+        distributions (a soft target embeds as the same mixture of class embeddings); required when conditioning."""
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         h = z
         if self.embedding is not None:
             if labels is None:
                 raise ValueError(f"this generator is conditioned on labels (num_classes={self.num_classes}); pass labels")
-            labels = labels.reshape(-1).long()
             if labels.shape[0] != z.shape[0]:
                 raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {z.shape[0]}")
-            emb = self.embedding(labels)
+            if labels.ndim == 2 and labels.is_floating_point():
+                # soft targets (rows sum to one): the matching mixture of class embeddings
+                if labels.shape[1] != self.num_classes:
+                    raise ValueError(f"soft labels must have shape (B, {self.num_classes}), got {tuple(labels.shape)}")
+                emb = labels.to(self.embedding.weight.dtype) @ self.embedding.weight
+            else:
+                emb = self.embedding(labels.reshape(-1).long())
             h = torch.cat([z, emb], dim=1) if self.condition == "label" else z * emb
         h = self.fc(h).reshape([z.shape[0], self.channels[0], *self.seed_size])
         h = self.seed_act(self.seed_norm(h))
