@@ -1,4 +1,4 @@
-"""``monai-fedkd``: prepare data, partition it into sites, evaluate models, run the demo."""
+"""``monai-fedkd``: prepare data, partition it into sites, evaluate models, run the demo, distil over NVIDIA FLARE."""
 
 from __future__ import annotations
 
@@ -51,6 +51,53 @@ def _demo(args) -> int:
     return 0
 
 
+def _override_value(text: str):
+    """``ID=VALUE`` values are JSON where they parse as JSON (numbers, lists, true/false), strings otherwise."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _flare_distill(args) -> int:
+    import json
+    from pathlib import Path
+
+    from monai_fedkd.pipeline import BUNDLES_DIR
+    from monai_fedkd.transport.flare import ERROR_FILE, distillation_recipe, site_entries
+
+    configs = args.config
+    if not configs:
+        first = site_entries(args.sites)[0]["site_dir"]
+        task = json.loads((Path(first) / "site_card.json").read_text())["task"]
+        configs = [str(BUNDLES_DIR / "central_distillation" / "configs" / "train.json")]
+        if task == "segmentation":
+            configs.append(str(BUNDLES_DIR / "central_distillation" / "configs" / "segmentation.json"))
+    overrides = {k: _override_value(v) for k, v in (kv.split("=", 1) for kv in args.override)}
+    recipe = distillation_recipe(args.sites, configs, args.output_dir, overrides, job_name=args.job_name, timeout=args.timeout, device=args.device)
+    if args.export:
+        recipe.export(args.export)
+        print(f"FLARE job written to {args.export}/{args.job_name}")
+        return 0
+    from nvflare.recipe import PocEnv, SimEnv
+
+    env = SimEnv(clients=recipe.configured_sites(), workspace_root=args.workspace) if args.env == "sim" else PocEnv(clients=recipe.configured_sites())
+    error_file = Path(args.output_dir) / ERROR_FILE
+    try:
+        run = recipe.execute(env)
+        result = run.get_result()
+    except RuntimeError as e:
+        result = f"failed ({e})"
+    model = Path(args.output_dir) / "models" / "model.pt"
+    if error_file.is_file() or not model.is_file():
+        cause = error_file.read_text().strip() if error_file.is_file() else f"no central model written; FLARE run: {result}"
+        raise RuntimeError(f"central distillation over FLARE failed: {cause} (server log under {args.workspace})")
+    print(f"FLARE run finished: {result}; central model in {model.parent.parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from monai_fedkd.data.partition import add_partition_arguments
     from monai_fedkd.data.prepare import DATASETS, add_prepare_arguments
@@ -88,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central-override", action="append", default=[], metavar="ID=VALUE", help="central_distillation bundle override")
     p.add_argument("--no-distill", action="store_true", help="stop after the site models (no central model)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("flare-distill", help="run the central_distillation bundle over NVIDIA FLARE (simulator, POC, or export a job)")
+    p.add_argument("--sites", required=True, help="sites JSON of the central bundle (name, dir, datalist per site)")
+    p.add_argument("--output-dir", required=True, help="where the central model, card and checkpoints are written")
+    p.add_argument("--config", action="append", default=[], help="bundle config file(s) (default: central_distillation train.json [+ segmentation.json])")
+    p.add_argument("--override", action="append", default=[], metavar="ID=VALUE", help="central_distillation bundle override")
+    p.add_argument("--env", choices=("sim", "poc"), default="sim", help="FLARE simulator (one machine) or POC (local processes)")
+    p.add_argument("--workspace", default="runs/flare", help="FLARE simulator workspace")
+    p.add_argument("--export", default=None, metavar="DIR", help="write the FLARE job to DIR instead of running it")
+    p.add_argument("--job-name", default="monai_fedkd_distillation")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a site may take to answer one call")
+    p.add_argument("--device", default="cpu", help="device of the site models in the site processes")
+    p.set_defaults(func=_flare_distill)
     return parser
 
 

@@ -62,3 +62,23 @@ def dataset_info(folder: Path) -> dict:
 
 
 PY = sys.executable
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    """Assert a subprocess succeeded, showing the end of its output otherwise."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def cls_sites(pneumonia_dir, tmp_path_factory):
+    """Two PneumoniaMNIST sites with different architectures (a MONAI Classifier and a small DenseNet)."""
+    from monai_fedkd.pipeline import dataset_overrides
+
+    root = tmp_path_factory.mktemp("cls_sites")
+    bundle, overrides = dataset_overrides(dataset_info(pneumonia_dir))
+    datalist = str(pneumonia_dir / "datalist.json")
+    ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteA"), "max_epochs": 1, **overrides}))
+    dense = {"network_def": {"_target_": "monai_fedkd.networks.build_network", "name": "DenseNet", "spatial_dims": 2, "in_channels": 1,
+                             "out_channels": 2, "init_features": 8, "growth_rate": 8, "block_config": [2, 2], "bn_size": 2}}
+    ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteB"), "max_epochs": 1, "seed": 1, **overrides, **dense}))
+    return [(root / "siteA", datalist), (root / "siteB", datalist)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import dataset_info, run_bundle
+from conftest import dataset_info, ok as _ok, run_bundle
 from monai_fedkd.networks import build_network
 from monai_fedkd.pipeline import dataset_overrides
 from monai_fedkd.server import CentralDistillation, check_site_cards
@@ -17,23 +17,6 @@ from monai_fedkd.site.query import QuerySite
 from monai_fedkd.transport import InProcessTransport, QueryRequest, SiteAnswerError
 
 pytestmark = pytest.mark.slow
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def cls_sites(pneumonia_dir, tmp_path_factory):
-    """Two PneumoniaMNIST sites with different architectures (a MONAI Classifier and a small DenseNet)."""
-    root = tmp_path_factory.mktemp("cls_sites")
-    bundle, overrides = dataset_overrides(dataset_info(pneumonia_dir))
-    datalist = str(pneumonia_dir / "datalist.json")
-    _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteA"), "max_epochs": 1, **overrides}))
-    dense = {"network_def": {"_target_": "monai_fedkd.networks.build_network", "name": "DenseNet", "spatial_dims": 2, "in_channels": 1,
-                             "out_channels": 2, "init_features": 8, "growth_rate": 8, "block_config": [2, 2], "bn_size": 2}}
-    _ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteB"), "max_epochs": 1, "seed": 1, **overrides, **dense}))
-    return [(root / "siteA", datalist), (root / "siteB", datalist)]
 
 
 def _sites(cls_sites, tmp_path, **kw):
