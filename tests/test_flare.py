@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -27,17 +31,20 @@ def _sites_json(path: Path, entries) -> Path:
     return path
 
 
-def _flare(sites: Path, out: Path, workspace: Path, extra=()) -> subprocess.CompletedProcess:
+def _flare_cmd(sites: Path, out: Path, workspace: Path, extra=(), run=None) -> list[str]:
     cmd = [sys.executable, "-m", "monai_fedkd.cli", "flare-distill", "--sites", str(sites), "--output-dir", str(out),
            "--workspace", str(workspace), *extra]
-    for k, v in RUN.items():
-        cmd += ["--override", f"{k}={v}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for k, v in (run or RUN).items():
+        cmd += ["--override", f"{k}={json.dumps(v)}"]
+    return cmd
+
+
+def _flare(sites: Path, out: Path, workspace: Path, extra=(), run=None) -> subprocess.CompletedProcess:
+    return subprocess.run(_flare_cmd(sites, out, workspace, extra, run), capture_output=True, text=True, timeout=600)
 
 
 def test_site_entries_match_in_process_seeds(cls_sites, tmp_path):
-    from monai_fedkd.site.query import load_query_sites
-    from monai_fedkd.transport.flare import site_entries
+    from monai_fedkd.site.query import load_query_sites, site_entries
 
     sites = _sites_json(tmp_path / "sites.json", {"a": cls_sites[0], "b": cls_sites[1]})
     entries = site_entries(sites, seed=5)
@@ -97,3 +104,53 @@ def test_flare_job_export(cls_sites, tmp_path):
     assert set(meta["deploy_map"]) >= {"app_server", "app_siteA", "app_siteB"}
     client_cfg = json.loads((job / "app_siteA" / "config" / "config_fed_client.json").read_text())
     assert str(cls_sites[0][0]) in json.dumps(client_cfg) and str(cls_sites[1][0]) not in json.dumps(client_cfg)
+
+
+def test_flare_server_killed_then_resumed_matches_uninterrupted(cls_sites, tmp_path):
+    sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]})
+    run = {**RUN, "iterations": 8, "checkpoint_interval": 2}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_flare_cmd(sites, out, tmp_path / "ws1", run=run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "distill_checkpoint_2.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the FLARE run ended before its first checkpoint"
+        time.sleep(0.05)
+    # kill -9 the whole FLARE system mid-run: the simulator starts the server and sites in their own sessions
+    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree[1:]), "a FLARE process survived kill -9"
+    assert not (out / "models" / "model.pt").exists(), "a killed run must not leave a complete-looking model"
+    # restart: the server resumes from its newest checkpoint, each site reloads its own discriminator state
+    ok(_flare(sites, out, tmp_path / "ws2", run={**run, "resume": True}))
+    ok(run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(tmp_path / "reference"), **run}))
+    a = torch.load(out / "models" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "reference" / "models" / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after kill -9 and resume")
+    assert json.loads((out / "central_card.json").read_text())["iterations"] == 8
+
+
+def test_flare_fedavg_through_monai_algo(cls_sites, tmp_path):
+    sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteC": cls_sites[0]})
+    proc = subprocess.run([sys.executable, "-m", "monai_fedkd.cli", "flare-fedavg", "--sites", str(sites), "--output-dir", str(tmp_path / "fedavg"),
+                           "--workspace", str(tmp_path / "ws"), "--rounds", "2", "--local-epochs", "1"], capture_output=True, text=True, timeout=600)
+    ok(proc)
+    net, card = load_site_model(tmp_path / "fedavg")
+    assert card["role"] == "fedavg" and card["training"]["rounds"] == 2
+    # every site trained through its own site bundle, in rounds (its site card counts 2 local epochs)
+    for name in ("siteA", "siteC"):
+        site_card = json.loads((tmp_path / "fedavg" / "sites" / name / "site_card.json").read_text())
+        assert site_card["training"]["epochs"] == 2
+    local, _ = load_site_model(cls_sites[0][0])
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), local.state_dict().values()))
+    with pytest.raises(ValueError, match="one architecture"):
+        from monai_fedkd.transport.flare_fedavg import fedavg_recipe
+
+        fedavg_recipe(_sites_json(tmp_path / "mixed.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]}), "bundles/site_classification", tmp_path)

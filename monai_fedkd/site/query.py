@@ -31,7 +31,7 @@ from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discrim
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
 
-__all__ = ["QuerySite", "load_query_sites"]
+__all__ = ["QuerySite", "load_query_sites", "site_entries"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +228,10 @@ class QuerySite:
         self.stats = TransportStats(**state["stats"])
 
 
-def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None = None, **common) -> list[QuerySite]:
-    """Build the in-process sites from a list of site bundle output dirs, of ``{"dir", "datalist", "name"}``
-    entries, or from the path of a JSON file holding such a list (relative paths resolve against that file).
-
-    ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator.
-    """
+def site_entries(sites, seed: int = 0) -> list[dict]:
+    """The central bundle's sites (output dirs, ``{"dir", "datalist", "name"}`` entries, or the path of a JSON file
+    holding them; relative paths resolve against that file) as ``{"name", "site_dir", "datalist", "seed"}`` with
+    absolute paths and each site's seed (``seed + 7919 * (index + 1)``), whichever transport serves them."""
     base = None
     if isinstance(sites, (str, os.PathLike)):
         import json
@@ -252,7 +250,19 @@ def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None 
         datalist = entry.get("datalist")
         if base is not None:
             site_dir = site_dir if site_dir.is_absolute() else base / site_dir
-            datalist = None if datalist is None else str(Path(datalist) if Path(datalist).is_absolute() else base / datalist)
-        state_dir = Path(state_root) / (entry.get("name") or site_dir.name) if state_root else None
-        out.append(QuerySite(site_dir, name=entry.get("name"), real_datalist=datalist, seed=seed + 7919 * (k + 1), state_dir=state_dir, **common))
+            datalist = None if datalist is None else Path(datalist) if Path(datalist).is_absolute() else base / datalist
+        out.append({"name": entry.get("name") or site_dir.name, "site_dir": str(site_dir.resolve()),
+                    "datalist": None if datalist is None else str(Path(datalist).resolve()), "seed": seed + 7919 * (k + 1)})
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must be unique, got {names}")
     return out
+
+
+def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None = None, **common) -> list[QuerySite]:
+    """Build the in-process sites (see :func:`site_entries` for ``sites``).
+
+    ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator.
+    """
+    return [QuerySite(e["site_dir"], name=e["name"], real_datalist=e["datalist"], seed=e["seed"],
+                      state_dir=Path(state_root) / e["name"] if state_root else None, **common) for e in site_entries(sites, seed)]

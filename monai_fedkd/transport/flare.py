@@ -11,7 +11,8 @@ scalars and the site card. Answers arrive unordered and are keyed by site name. 
 out is reported as :class:`~monai_fedkd.transport.base.SiteAnswerError` naming it, which the engine turns into a stop
 or (``drop_failed_sites``) a drop.
 
-:func:`distillation_recipe` builds the FLARE job from a sites JSON; run it with ``SimEnv`` (one machine), ``PocEnv``
+:func:`distillation_recipe` builds the FLARE job from a sites JSON (per-site seeds as in-process, from
+:func:`monai_fedkd.site.query.site_entries`); run it with ``SimEnv`` (one machine), ``PocEnv``
 (several local processes) or ``ProdEnv`` (a provisioned deployment), or export it with ``recipe.export(dir)``.
 """
 
@@ -34,7 +35,7 @@ from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError
 collab, has_nvflare = optional_import("nvflare.collab", name="collab")
 CollabRecipe, _ = optional_import("nvflare.collab", name="CollabRecipe")
 
-__all__ = ["ERROR_FILE", "FlareDistillationServer", "FlareSite", "FlareTransport", "distillation_recipe", "site_entries"]
+__all__ = ["ERROR_FILE", "FlareDistillationServer", "FlareSite", "FlareTransport", "distillation_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,15 @@ class FlareTransport(Transport):
     def _each(self, call, names: list[str], args: Mapping[str, tuple] | None = None) -> dict:
         """Call every named site in parallel (one thread per site); raise SiteAnswerError naming a failed site."""
         results, errors = {}, {}
+        self._elapsed = {}
 
         def one(name):
+            t0 = time.perf_counter()
             try:
                 results[name] = call(self._proxies[name](timeout=self.timeout), *(args or {}).get(name, ()))
             except Exception as e:  # CollabCallError carries the site's exception type and message as text
                 errors[name] = e
+            self._elapsed[name] = time.perf_counter() - t0  # this site's round trip, not the slowest site's
 
         unknown = [n for n in names if n not in self._proxies]
         if unknown:
@@ -168,10 +172,8 @@ class FlareTransport(Transport):
     def query(self, request: QueryRequest, sites: list[str] | None = None) -> dict[str, SiteAnswer]:
         names = list(sites or self._proxies)
         x = _wire(request.inputs)
-        t0 = time.perf_counter()
         raw = self._each(lambda p: p.answer(x, int(request.step), dict(request.local_weights), bool(request.want_input_grad),
                                             bool(request.update_discriminator)), names)
-        elapsed = time.perf_counter() - t0
         out = {}
         for n in names:
             r = raw[n]
@@ -180,22 +182,20 @@ class FlareTransport(Transport):
             s.queries += 1
             s.bytes_sent += payload_bytes(x)
             s.bytes_received += payload_bytes(ans.logits, ans.local_input_grad) + 8 * len(ans.local_values)
-            s.seconds_in_transport += elapsed  # wall time of the (parallel) round trip, site compute included
+            s.seconds_in_transport += self._elapsed[n]  # round trip incl. site compute; stats() subtracts the latter
             out[n] = ans
         return out
 
     def vjp(self, cotangents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         names = list(cotangents)
         wired = {n: (_wire(c),) for n, c in cotangents.items()}
-        t0 = time.perf_counter()
         out = self._each(lambda p, c: p.vjp(c), names, wired)
-        elapsed = time.perf_counter() - t0
         for n in names:
             s = self._stats[n]
             s.vjps += 1
             s.bytes_sent += payload_bytes(*wired[n])
             s.bytes_received += payload_bytes(out[n])
-            s.seconds_in_transport += elapsed
+            s.seconds_in_transport += self._elapsed[n]
         return out
 
     def stats(self) -> dict[str, dict]:
@@ -264,31 +264,6 @@ class FlareDistillationServer:
 
 
 # ------------------------------------------------------------------------------------------------ the FLARE job
-def site_entries(sites: str | os.PathLike | Sequence, seed: int = 0) -> list[dict]:
-    """The sites JSON (or list) of the central bundle as FLARE per-site settings, in the same order and with the same
-    per-site seeds as :func:`monai_fedkd.site.query.load_query_sites` (so FLARE and in-process runs are comparable)."""
-    base = None
-    if isinstance(sites, (str, os.PathLike)):
-        path = Path(sites)
-        if not path.is_file():
-            raise FileNotFoundError(f"sites file {path} does not exist")
-        base, sites = path.parent, json.loads(path.read_text())
-    out = []
-    for k, entry in enumerate(sites):
-        entry = {"dir": entry} if isinstance(entry, (str, os.PathLike)) else dict(entry)
-        site_dir = Path(entry["dir"])
-        datalist = entry.get("datalist")
-        if base is not None:
-            site_dir = site_dir if site_dir.is_absolute() else base / site_dir
-            datalist = None if datalist is None else str(Path(datalist) if Path(datalist).is_absolute() else base / datalist)
-        out.append({"name": entry.get("name") or site_dir.name, "site_dir": str(site_dir.resolve()),
-                    "datalist": None if datalist is None else str(Path(datalist).resolve()), "seed": seed + 7919 * (k + 1)})
-    names = [e["name"] for e in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"site names must be unique, got {names}")
-    return out
-
-
 def distillation_recipe(
     sites: str | os.PathLike | Sequence,
     config_file: str | Sequence[str],
@@ -308,6 +283,8 @@ def distillation_recipe(
     if not has_nvflare:
         raise ImportError("the FLARE job needs NVIDIA FLARE: pip install 'nvflare==2.9.*' (or monai_fedkd[nvflare])")
     from monai.bundle import ConfigParser
+
+    from monai_fedkd.site.query import site_entries
 
     files = [str(Path(f).resolve()) for f in ([config_file] if isinstance(config_file, (str, os.PathLike)) else config_file)]
     overrides = {**dict(overrides or {}), "output_dir": str(Path(output_dir).resolve())}

@@ -1,0 +1,81 @@
+"""FedAvg baseline over NVIDIA FLARE: the site bundles trained in rounds through ``monai.fl.client.MonaiAlgo``.
+
+The server side is FLARE's PyTorch ``FedAvgRecipe`` (Client API); each site runs
+:mod:`monai_fedkd.transport.flare_fedavg_client`. The global model after the last round is written like a central
+model (``models/model.pt`` + ``central_card.json`` with ``role: "fedavg"``), so the evaluation bundle scores it
+beside the site models, their ensemble and the distilled central model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from monai.utils import optional_import
+
+from monai_fedkd import __version__
+from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json, read_site_card
+from monai_fedkd.site.query import site_entries
+
+_, has_nvflare = optional_import("nvflare.collab")
+
+__all__ = ["fedavg_recipe", "write_fedavg_model"]
+
+
+def fedavg_recipe(
+    sites: str | os.PathLike,
+    bundle: str | os.PathLike,
+    workdir: str | os.PathLike,
+    num_rounds: int = 10,
+    local_epochs: int = 1,
+    overrides: Mapping | None = None,
+    name: str = "monai_fedkd_fedavg",
+):
+    """FLARE ``FedAvgRecipe`` over the sites of a sites JSON (``name``, ``dir``, ``datalist``): the global network is the
+    one the first site's card records (every site must share it for FedAvg)."""
+    if not has_nvflare:
+        raise ImportError("FedAvg over FLARE needs NVIDIA FLARE: pip install 'nvflare==2.9.*' (or monai_fedkd[nvflare])")
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+    entries = site_entries(sites)
+    definition = dict(read_site_card(entries[0]["site_dir"])["network_def"])
+    for e in entries[1:]:
+        other = read_site_card(e["site_dir"])["network_def"]
+        if other != definition:
+            raise ValueError(f"FedAvg needs one architecture: site '{e['name']}' has {other.get('name')}, "
+                             f"site '{entries[0]['name']}' {definition.get('name')}")
+    definition.pop("_target_", None)
+    model = {"class_path": definition.pop("name"), "args": definition}
+    script = Path(__file__).with_name("flare_fedavg_client.py")
+    train_args = " ".join(shlex.quote(a) for a in [
+        "--sites", str(Path(sites).resolve()), "--bundle", str(Path(bundle).resolve()), "--workdir", str(Path(workdir).resolve() / "sites"),
+        "--local-epochs", str(int(local_epochs)), "--overrides", json.dumps(dict(overrides or {}))])
+    return FedAvgRecipe(name=name, min_clients=len(entries), num_rounds=int(num_rounds), model=model, train_script=str(script),
+                        train_args=train_args)
+
+
+def write_fedavg_model(global_model: str | os.PathLike, sites: str | os.PathLike, output_dir: str | os.PathLike, num_rounds: int,
+                       local_epochs: int) -> Path:
+    """Write FLARE's final global weights as ``models/model.pt`` + a card (from the first site's card, ``role: fedavg``)."""
+    state = torch.load(global_model, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # PTFileModelPersistor's layout
+    entries = site_entries(sites)
+    card = dict(read_site_card(entries[0]["site_dir"]))
+    out = Path(output_dir)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    tmp = out / "models" / ".model.pt.tmp"
+    torch.save({k: torch.as_tensor(v) for k, v in state.items()}, tmp)
+    os.replace(tmp, out / "models" / "model.pt")
+    card.update({"site": "fedavg", "role": "fedavg", "checkpoint": "models/model.pt", "sample_count": None, "class_counts": None,
+                 "training": {"rounds": int(num_rounds), "local_epochs": int(local_epochs), "sites": [e["name"] for e in entries]},
+                 "validation": None, "monai_fedkd_version": __version__,
+                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_json(out / CENTRAL_CARD_NAME, card)
+    return out / "models" / "model.pt"
