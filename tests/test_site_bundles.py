@@ -50,7 +50,9 @@ def test_classification_site_writes_model_and_card(pneumonia_site, pneumonia_dir
     assert card["classes"]["names"] == ["normal", "pneumonia"]
     assert card["input"]["spatial_size"] == [28, 28] and card["input"]["channels"] == 1
     assert card["validation"]["metric"] == "val_auc" and 0.0 <= card["validation"]["best"] <= 1.0
-    assert not (pneumonia_site / "models" / ".staging").exists()
+    # the final model is the best-validation checkpoint (a copy: federated rounds keep training from the staging dir)
+    staged = pneumonia_site / "models" / ".staging" / "model.pt"
+    assert staged.read_bytes() == (pneumonia_site / "models" / "model.pt").read_bytes()
     assert any((pneumonia_site / "tensorboard").iterdir())
     net, _ = load_site_model(pneumonia_site)
     out = net(torch.rand(3, 1, 28, 28))

@@ -72,9 +72,10 @@ class SiteOutputWriter:
     """Ignite handler that turns a finished site training run into ``models/model.pt`` + ``site_card.json``.
 
     During training the best-validation checkpoint is kept in ``staging_dir`` (the ``CheckpointSaver``'s
-    ``save_dir``). On ``STARTED`` stale outputs from an earlier run are removed; on ``COMPLETED`` the best
-    checkpoint is moved to ``output_dir/models/model.pt`` and the card is written, both by atomic rename. If the
-    run fails, neither final file exists.
+    ``save_dir``). On ``STARTED`` stale outputs from an earlier run are removed (the staging dir too, unless the
+    engine continues an earlier run, as in federated rounds); on ``COMPLETED`` the best checkpoint is copied to
+    ``output_dir/models/model.pt`` and the card is written, both by atomic rename. If the run fails, neither final
+    file exists.
     """
 
     def __init__(
@@ -146,7 +147,8 @@ class SiteOutputWriter:
             if stale.exists():
                 logger.info("removing output of an earlier run: %s", stale)
                 stale.unlink()
-        if self.staging_dir.exists():
+        # a continued run (a federated round through MonaiAlgo) keeps its best checkpoint so far
+        if self.staging_dir.exists() and engine.state.epoch == 0:
             shutil.rmtree(self.staging_dir)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
 
@@ -175,8 +177,10 @@ class SiteOutputWriter:
             }
         card["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.final_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, self.final_checkpoint)
-        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        # copied, not moved: the CheckpointSaver still owns the staged file if the run continues (federated rounds)
+        tmp = self.final_checkpoint.with_name(f".{self.checkpoint_name}.tmp")
+        shutil.copyfile(staged, tmp)
+        os.replace(tmp, self.final_checkpoint)
         atomic_write_json(self.output_dir / SITE_CARD_NAME, card)
         logger.info("site outputs written: %s and %s", self.final_checkpoint, self.output_dir / SITE_CARD_NAME)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shlex
 from pathlib import Path
 from typing import Mapping
 
@@ -53,9 +52,14 @@ def fedavg_recipe(
     definition.pop("_target_", None)
     model = {"class_path": definition.pop("name"), "args": definition}
     script = Path(__file__).with_name("flare_fedavg_client.py")
-    train_args = " ".join(shlex.quote(a) for a in [
-        "--sites", str(Path(sites).resolve()), "--bundle", str(Path(bundle).resolve()), "--workdir", str(Path(workdir).resolve() / "sites"),
-        "--local-epochs", str(int(local_epochs)), "--overrides", json.dumps(dict(overrides or {}))])
+    config = Path(workdir).resolve() / "fedavg_client.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"sites": str(Path(sites).resolve()), "bundle": str(Path(bundle).resolve()),
+                                  "workdir": str(Path(workdir).resolve() / "sites"), "local_epochs": int(local_epochs),
+                                  "overrides": dict(overrides or {})}, indent=2))
+    if any(c.isspace() for c in str(config)):
+        raise ValueError(f"FLARE splits train_args on white space: the output path {config} must not contain any")
+    train_args = f"--config {config}"
     return FedAvgRecipe(name=name, min_clients=len(entries), num_rounds=int(num_rounds), model=model, train_script=str(script),
                         train_args=train_args)
 

@@ -3,7 +3,7 @@
 FLARE runs this file in each site's process (``FedAvgRecipe(train_script=...)``). The site trains its own site
 bundle (``--bundle``, e.g. ``bundles/site_classification``) on its own datalist for ``--local-epochs`` per round,
 starting from the global weights it receives, and sends back its full weights with the number of steps it ran
-(FedAvg weights sites by it). The site finds its datalist in ``--sites`` by its FLARE client name.
+(FedAvg weights sites by it). The site finds its datalist in the sites JSON by its FLARE client name.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", required=True, help="sites JSON: name, datalist (and dir) per site")
-    parser.add_argument("--bundle", required=True, help="site bundle root (with configs/train.json)")
-    parser.add_argument("--workdir", required=True, help="this run's site outputs go to <workdir>/<site name>")
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--overrides", default="{}", help="JSON dict of site bundle overrides (same for every site)")
+    # one JSON file: FLARE splits train_args on white space, so structured values travel in a file
+    parser.add_argument("--config", required=True, help="JSON: sites, bundle, workdir, local_epochs, overrides")
     args = parser.parse_args(argv)
+    config = json.loads(Path(args.config).read_text())
 
     import torch
     import nvflare.client as flare
@@ -31,15 +29,15 @@ def main(argv=None) -> int:
 
     flare.init()
     site = flare.get_site_name()
-    sites_file = Path(args.sites)
+    sites_file = Path(config["sites"])
     entries = {e["name"]: e for e in json.loads(sites_file.read_text())}
     if site not in entries:
         raise ValueError(f"FLARE client '{site}' is not in {sites_file} (sites: {sorted(entries)})")
     datalist = Path(entries[site]["datalist"])
     datalist = datalist if datalist.is_absolute() else sites_file.parent / datalist
-    train_kwargs = {**json.loads(args.overrides), "datalist": str(datalist.resolve()),
-                    "output_dir": str((Path(args.workdir) / site).resolve()), "site_name": site}
-    algo = MonaiAlgo(bundle_root=str(Path(args.bundle).resolve()), local_epochs=args.local_epochs, send_weight_diff=False,
+    train_kwargs = {**config.get("overrides", {}), "datalist": str(datalist.resolve()),
+                    "output_dir": str((Path(config["workdir"]) / site).resolve()), "site_name": site}
+    algo = MonaiAlgo(bundle_root=config["bundle"], local_epochs=int(config.get("local_epochs", 1)), send_weight_diff=False,
                      config_train_filename="configs/train.json", config_evaluate_filename=None, train_kwargs=train_kwargs)
     algo.initialize(extra={ExtraItems.CLIENT_NAME: site})
 
