@@ -154,3 +154,25 @@ def test_flare_fedavg_through_monai_algo(cls_sites, tmp_path):
         from monai_fedkd.transport.flare_fedavg import fedavg_recipe
 
         fedavg_recipe(_sites_json(tmp_path / "mixed.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]}), "bundles/site_classification", tmp_path)
+
+
+def test_flare_site_dropping_out_mid_run_is_dropped_and_named(cls_sites, tmp_path):
+    sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]})
+    run = {**RUN, "iterations": 30, "checkpoint_interval": 2, "drop_failed_sites": True}
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_flare_cmd(sites, out, tmp_path / "ws", ["--timeout", "20"], run=run), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "distill_checkpoint_2.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the FLARE run ended before its first checkpoint"
+        time.sleep(0.05)
+    # the simulator runs each site in a worker process started with "--client <name>"
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if " --client siteB" in " ".join(p.cmdline())]
+    assert workers, "no FLARE process for siteB found"
+    for p in [*workers, *(c for w in workers for c in w.children(recursive=True))]:
+        p.kill()  # the hospital's machine goes away mid-run
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    card = json.loads((out / "central_card.json").read_text())
+    assert card["sites"]["siteB"]["dropped"] and "siteB" not in card["expertise_weights"], card["sites"]["siteB"]
+    assert card["sites"]["siteA"]["dropped"] is None and card["iterations"] == 30

@@ -362,7 +362,11 @@ class CentralDistillation:
         cotangents = dict(zip(names, torch.autograd.grad(total, [logits[n] for n in names], allow_unused=True)))
         cotangents = {n: c for n, c in cotangents.items() if c is not None}
         self.timing["server_s"] += time.perf_counter() - t0
-        vjps = self.transport.vjp(cotangents) if cotangents else {}
+        try:
+            vjps = self.transport.vjp(cotangents) if cotangents else {}
+        except SiteAnswerError as e:  # a site left between the two round trips: this step uses the others' VJPs
+            self._drop_site(e.site, str(e), step)
+            vjps = {n: v for n, v in e.partial.items() if n in self.active_sites}
 
         grad_x = torch.zeros_like(x)
         for n in names:
@@ -493,8 +497,8 @@ class CentralDistillation:
             if ckpts:
                 it = int(ckpts[-1].stem.rsplit("_", 1)[-1])
                 Checkpoint.load_objects(to_load=to_save, checkpoint=torch.load(ckpts[-1], map_location=self.device, weights_only=False))
-                self.transport.load_site_states(f"iter_{it}")
-                self._restore_extra(it)
+                self._restore_extra(it)  # first: sites dropped before the checkpoint are not asked for their state
+                self.transport.load_site_states(f"iter_{it}", sites=list(self.active_sites))
                 logger.info("resuming from %s (iteration %d)", ckpts[-1], it)
             else:
                 logger.warning("resume requested but no checkpoint in %s: starting from scratch", ckpt_dir)
@@ -504,7 +508,7 @@ class CentralDistillation:
                            global_step_transform=lambda e, _: e.state.iteration)
 
         def save(e):
-            self.transport.save_site_states(f"iter_{e.state.iteration}")
+            self.transport.save_site_states(f"iter_{e.state.iteration}", sites=list(self.active_sites))
             self._save_extra(e.state.iteration)
             saver(e)
 

@@ -25,9 +25,10 @@ __all__ = ["QueryRequest", "SiteAnswer", "SiteAnswerError", "Transport", "Transp
 class SiteAnswerError(RuntimeError):
     """A site answered with NaN/Inf, a wrong shape, or not at all."""
 
-    def __init__(self, site: str, reason: str):
+    def __init__(self, site: str, reason: str, partial: Mapping | None = None):
         super().__init__(f"site '{site}': {reason}")
         self.site = site
+        self.partial = dict(partial or {})  # answers of the other sites of the same call, when there were any
 
 
 def payload_bytes(*tensors) -> int:
@@ -85,11 +86,11 @@ class Transport(abc.ABC):
     def stats(self) -> dict[str, dict]:
         """Per-site counters: queries, VJPs, bytes sent to / received from the site, time at the site."""
 
-    def save_site_states(self, tag: str) -> None:
-        """Ask every site to checkpoint its own distillation state (its discriminator) under ``tag``."""
+    def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        """Ask every (or each named) site to checkpoint its own distillation state (its discriminator) under ``tag``."""
 
-    def load_site_states(self, tag: str) -> None:
-        """Ask every site to restore the state it saved under ``tag`` (resume)."""
+    def load_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        """Ask every (or each named) site to restore the state it saved under ``tag`` (resume)."""
 
     def close(self) -> None:
         pass

@@ -137,6 +137,7 @@ class FlareTransport(Transport):
         if not self._proxies:
             raise ValueError(f"no FLARE client among {[p.name for p in clients]} matches sites={list(sites or [])}")
         self._stats = {n: TransportStats() for n in self._proxies}
+        self._failed: set[str] = set()  # sites whose call failed: left out of later bookkeeping calls
         self._cards = {n: dict(c) for n, c in self._each(lambda p: p.card(), list(self._proxies)).items()}
 
     def _each(self, call, names: list[str], args: Mapping[str, tuple] | None = None) -> dict:
@@ -161,9 +162,10 @@ class FlareTransport(Transport):
         for t in threads:
             t.join()
         if errors:
+            self._failed.update(errors)
             name = sorted(errors)[0]
             cause = getattr(errors[name], "cause", None) or str(errors[name])
-            raise SiteAnswerError(name, f"FLARE call failed: {cause}")
+            raise SiteAnswerError(name, f"FLARE call failed: {cause}", partial=results)
         return results
 
     def site_cards(self) -> dict[str, dict]:
@@ -201,7 +203,7 @@ class FlareTransport(Transport):
     def stats(self) -> dict[str, dict]:
         """Bytes and calls as counted on the server; ``seconds_at_site`` as each site reports it."""
         try:
-            at_site = self._each(lambda p: p.stats(), list(self._proxies))
+            at_site = self._each(lambda p: p.stats(), self._reachable())
         except SiteAnswerError:
             at_site = {}
         out = {}
@@ -212,11 +214,14 @@ class FlareTransport(Transport):
             out[n] = d
         return out
 
-    def save_site_states(self, tag: str) -> None:
-        self._each(lambda p: p.save_state(tag), list(self._proxies))
+    def _reachable(self) -> list[str]:
+        return [n for n in self._proxies if n not in self._failed]
 
-    def load_site_states(self, tag: str) -> None:
-        self._each(lambda p: p.load_state(tag), list(self._proxies))
+    def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        self._each(lambda p: p.save_state(tag), [n for n in sites or self._proxies if n not in self._failed])
+
+    def load_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        self._each(lambda p: p.load_state(tag), [n for n in sites or self._proxies if n not in self._failed])
 
 
 class FlareDistillationServer:

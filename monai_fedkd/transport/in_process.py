@@ -53,10 +53,10 @@ class InProcessTransport(Transport):
     def stats(self) -> dict[str, dict]:
         return {n: s.stats.as_dict() for n, s in self.__sites.items()}
 
-    def save_site_states(self, tag: str) -> None:
-        for s in self.__sites.values():
-            s.save_state(tag)
+    def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        for name in sites or list(self.__sites):
+            self.__sites[name].save_state(tag)
 
-    def load_site_states(self, tag: str) -> None:
-        for s in self.__sites.values():
-            s.load_state(tag)
+    def load_site_states(self, tag: str, sites: list[str] | None = None) -> None:
+        for name in sites or list(self.__sites):
+            self.__sites[name].load_state(tag)
