@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 # small but complete runs: 3 generator steps with a checkpoint, a montage and the final outputs
 RUN = {"iterations": 3, "batch_size": 8, "student_batch_size": 8, "checkpoint_interval": 2, "montage_interval": 2}
+SAME_THREADS = ["--site-threads", str(torch.get_num_threads())]
 
 
 def _sites_json(path: Path, entries) -> Path:
@@ -57,7 +58,8 @@ def test_site_entries_match_in_process_seeds(cls_sites, tmp_path):
 
 def test_flare_simulator_matches_in_process(cls_sites, tmp_path):
     sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]})
-    proc = _flare(sites, tmp_path / "flare", tmp_path / "ws")
+    # sites with the in-process run's CPU thread count: the same float reduction order, so the same bits
+    proc = _flare(sites, tmp_path / "flare", tmp_path / "ws", SAME_THREADS)
     ok(proc)
     ok(run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(tmp_path / "local"), **RUN}))
     flare_net, flare_card = load_site_model(tmp_path / "flare")
@@ -110,7 +112,7 @@ def test_flare_server_killed_then_resumed_matches_uninterrupted(cls_sites, tmp_p
     sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]})
     run = {**RUN, "iterations": 8, "checkpoint_interval": 2}
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_flare_cmd(sites, out, tmp_path / "ws1", run=run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_flare_cmd(sites, out, tmp_path / "ws1", SAME_THREADS, run=run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "distill_checkpoint_2.pt").exists():
@@ -128,7 +130,7 @@ def test_flare_server_killed_then_resumed_matches_uninterrupted(cls_sites, tmp_p
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree[1:]), "a FLARE process survived kill -9"
     assert not (out / "models" / "model.pt").exists(), "a killed run must not leave a complete-looking model"
     # restart: the server resumes from its newest checkpoint, each site reloads its own discriminator state
-    ok(_flare(sites, out, tmp_path / "ws2", run={**run, "resume": True}))
+    ok(_flare(sites, out, tmp_path / "ws2", SAME_THREADS, run={**run, "resume": True}))
     ok(run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(tmp_path / "reference"), **run}))
     a = torch.load(out / "models" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "reference" / "models" / "model.pt", weights_only=True)

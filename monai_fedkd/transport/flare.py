@@ -40,7 +40,7 @@ __all__ = ["ERROR_FILE", "FlareDistillationServer", "FlareSite", "FlareTransport
 logger = logging.getLogger(__name__)
 
 ERROR_FILE = "distillation_error.txt"  # written by the server job when the distillation fails
-SITE_PROPS = ("site_dir", "datalist", "seed", "state_dir", "site_options", "device")
+SITE_PROPS = ("site_dir", "datalist", "seed", "state_dir", "site_options", "device", "num_threads")
 
 
 def _decorate(name: str):
@@ -61,8 +61,9 @@ class FlareSite:
 
     Its settings come from the site's own FLARE app properties (``recipe.set_per_site_config``): ``site_dir`` (the
     site bundle's ``output_dir``), ``datalist`` (its own datalist, for its discriminator; optional), ``seed``,
-    ``state_dir`` (where it checkpoints its discriminator), ``site_options`` (keyword arguments of ``QuerySite``) and
-    ``device``. The site name is the FLARE client name.
+    ``state_dir`` (where it checkpoints its discriminator), ``site_options`` (keyword arguments of ``QuerySite``),
+    ``device`` and ``num_threads`` (torch CPU threads; set it when several sites share a machine). The site name is
+    the FLARE client name.
     """
 
     def __init__(self) -> None:
@@ -74,6 +75,8 @@ class FlareSite:
         from monai_fedkd.site.query import QuerySite
 
         props = {k: collab.get_app_prop(k, None) for k in SITE_PROPS}
+        if props["num_threads"]:  # several sites sharing one machine (simulator, POC): no thread oversubscription
+            torch.set_num_threads(int(props["num_threads"]))
         if not props["site_dir"]:
             raise ValueError(f"FLARE site '{collab.site_name}' has no 'site_dir' in its app properties (set_per_site_config)")
         self.site = QuerySite(
@@ -277,9 +280,11 @@ def distillation_recipe(
     job_name: str = "monai_fedkd_distillation",
     timeout: float = 600.0,
     device: str = "cpu",
+    site_threads: int | None = None,
 ):
     """A FLARE ``CollabRecipe``: one client per site of ``sites`` (named as in the sites JSON), the server running the
-    bundle ``config_file`` with ``overrides`` over :class:`FlareTransport`.
+    bundle ``config_file`` with ``overrides`` over :class:`FlareTransport`. ``site_threads``: torch CPU threads per site
+    process (for several sites on one machine; ``None`` leaves torch's default).
 
     The sites' options (``site_options``: discriminator, its learning rate, ``max_real``) and seeds are read from the
     bundle config so that a simulator run reproduces the in-process one; in a deployment each site sets its own
@@ -303,7 +308,8 @@ def distillation_recipe(
                           min_clients=len(entries))
     recipe.set_per_site_config({
         e["name"]: {"site_dir": e["site_dir"], "datalist": e["datalist"], "seed": e["seed"], "device": device,
-                    "state_dir": str(Path(overrides["output_dir"]) / "site_state" / e["name"]), "site_options": dict(site_options)}
+                    "state_dir": str(Path(overrides["output_dir"]) / "site_state" / e["name"]), "site_options": dict(site_options),
+                    "num_threads": site_threads}
         for e in entries
     })
     return recipe
