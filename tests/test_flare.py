@@ -178,3 +178,11 @@ def test_flare_site_dropping_out_mid_run_is_dropped_and_named(cls_sites, tmp_pat
     card = json.loads((out / "central_card.json").read_text())
     assert card["sites"]["siteB"]["dropped"] and "siteB" not in card["expertise_weights"], card["sites"]["siteB"]
     assert card["sites"]["siteA"]["dropped"] is None and card["iterations"] == 30
+
+
+def test_flare_site_missing_its_deadline_is_named(cls_sites, tmp_path):
+    sites = _sites_json(tmp_path / "sites.json", {"siteA": cls_sites[0], "siteB": cls_sites[1]})
+    proc = _flare(sites, tmp_path / "out", tmp_path / "ws", ["--timeout", "0.001"])
+    assert proc.returncode == 1
+    assert "timed out" in proc.stderr and "site" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "models" / "model.pt").exists()
