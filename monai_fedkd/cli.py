@@ -61,44 +61,45 @@ def _override_value(text: str):
         return text
 
 
+def _flare_env(args, clients: list[str]):
+    """FLARE's simulator (this machine) or POC environment for the named clients."""
+    from nvflare.recipe import PocEnv, SimEnv
+
+    return SimEnv(clients=clients, workspace_root=args.workspace) if args.env == "sim" else PocEnv(clients=clients)
+
+
 def _flare_distill(args) -> int:
-    import json
     import os
     from pathlib import Path
 
     from monai_fedkd.pipeline import BUNDLES_DIR
+    from monai_fedkd.site.card import read_site_card
     from monai_fedkd.site.query import site_entries
     from monai_fedkd.transport.flare import ERROR_FILE, distillation_recipe
 
+    entries = site_entries(args.sites)
     configs = args.config
     if not configs:
-        first = site_entries(args.sites)[0]["site_dir"]
-        task = json.loads((Path(first) / "site_card.json").read_text())["task"]
         configs = [str(BUNDLES_DIR / "central_distillation" / "configs" / "train.json")]
-        if task == "segmentation":
+        if read_site_card(entries[0]["site_dir"])["task"] == "segmentation":
             configs.append(str(BUNDLES_DIR / "central_distillation" / "configs" / "segmentation.json"))
     overrides = {k: _override_value(v) for k, v in (kv.split("=", 1) for kv in args.override)}
     threads = args.site_threads
     if threads is None and not args.export:  # every site on this machine: share its cores instead of oversubscribing
-        threads = max(1, (os.cpu_count() or 1) // (len(site_entries(args.sites)) + 1))
+        threads = max(1, (os.cpu_count() or 1) // (len(entries) + 1))
     recipe = distillation_recipe(args.sites, configs, args.output_dir, overrides, job_name=args.job_name, timeout=args.timeout,
                                  device=args.device, site_threads=threads)
     if args.export:
         recipe.export(args.export)
         print(f"FLARE job written to {args.export}/{args.job_name}")
         return 0
-    from nvflare.recipe import PocEnv, SimEnv
-
     # tensors inline in the message instead of FLARE's pull-download path: ~35 ms less per call for small
     # tensors (measured in the simulator); on real sites set the same variables in each site's environment
     for var in ("NVFLARE_TENSOR_DOWNLOAD_CHUNK_SIZE", "NVFLARE_NP_DOWNLOAD_CHUNK_SIZE"):
         os.environ.setdefault(var, "0")
-
-    env = SimEnv(clients=recipe.configured_sites(), workspace_root=args.workspace) if args.env == "sim" else PocEnv(clients=recipe.configured_sites())
     error_file = Path(args.output_dir) / ERROR_FILE
     try:
-        run = recipe.execute(env)
-        result = run.get_result()
+        result = recipe.execute(_flare_env(args, recipe.configured_sites())).get_result()
     except RuntimeError as e:
         result = f"failed ({e})"
     model = Path(args.output_dir) / "models" / "model.pt"
@@ -110,17 +111,17 @@ def _flare_distill(args) -> int:
 
 
 def _flare_fedavg(args) -> int:
-    import json
     from pathlib import Path
 
     from monai_fedkd.pipeline import BUNDLES_DIR
+    from monai_fedkd.site.card import read_site_card
     from monai_fedkd.site.query import site_entries
     from monai_fedkd.transport.flare_fedavg import fedavg_recipe, write_fedavg_model
 
     entries = site_entries(args.sites)
     bundle = args.bundle
     if bundle is None:
-        task = json.loads((Path(entries[0]["site_dir"]) / "site_card.json").read_text())["task"]
+        task = read_site_card(entries[0]["site_dir"])["task"]
         bundle = BUNDLES_DIR / ("site_segmentation" if task == "segmentation" else "site_classification")
     overrides = {k: _override_value(v) for k, v in (kv.split("=", 1) for kv in args.override)}
     recipe = fedavg_recipe(args.sites, bundle, args.output_dir, num_rounds=args.rounds, local_epochs=args.local_epochs,
@@ -129,12 +130,7 @@ def _flare_fedavg(args) -> int:
         recipe.export(args.export)
         print(f"FLARE job written to {args.export}/{args.job_name}")
         return 0
-    from nvflare.recipe import PocEnv, SimEnv
-
-    names = [e["name"] for e in entries]
-    env = SimEnv(clients=names, workspace_root=args.workspace) if args.env == "sim" else PocEnv(clients=names)
-    run = recipe.execute(env)
-    result = run.get_result()
+    result = recipe.execute(_flare_env(args, [e["name"] for e in entries])).get_result()
     found = sorted(Path(args.workspace).rglob("FL_global_model.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise RuntimeError(f"FedAvg over FLARE wrote no global model under {args.workspace} (FLARE run: {result})")

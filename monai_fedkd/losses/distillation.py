@@ -338,8 +338,7 @@ class ConditionalCrossEntropyLoss(nn.Module):
         if ensemble_log_probs.ndim == 2 and target.ndim == 2 and target.is_floating_point():
             if target.shape != ensemble_log_probs.shape:
                 raise ValueError(f"soft target must have shape {tuple(ensemble_log_probs.shape)}, got {tuple(target.shape)}")
-            per_sample = -(target.to(ensemble_log_probs.dtype) * ensemble_log_probs).sum(1)
-            return self.weight * (per_sample.sum() if self.reduction == "sum" else per_sample if self.reduction == "none" else per_sample.mean())
+            return self.weight * reduce(-(target.to(ensemble_log_probs.dtype) * ensemble_log_probs).sum(1), self.reduction)
         if target.ndim == ensemble_log_probs.ndim and target.ndim > 2 and target.shape[1] == 1:
             target = target.squeeze(1)
         expected = (ensemble_log_probs.shape[0], *ensemble_log_probs.shape[2:])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from monai.utils import min_version, optional_import
 
@@ -304,11 +305,11 @@ class CentralDistillation:
         labels = torch.randint(self.num_classes, (self.batch_size,), generator=g)
         n_mix = int(round(self.boundary_fraction * self.batch_size)) if self.num_classes > 1 else 0
         if n_mix:
-            first = torch.nn.functional.one_hot(labels, self.num_classes).float()
+            soft = F.one_hot(labels, self.num_classes).float()
             other = (labels[:n_mix] + torch.randint(1, self.num_classes, (n_mix,), generator=g)) % self.num_classes
             share = torch.rand(n_mix, 1, generator=g)
-            first[:n_mix] = share * first[:n_mix] + (1 - share) * torch.nn.functional.one_hot(other, self.num_classes).float()
-            labels = first  # (B, N) class distributions
+            soft[:n_mix] = share * soft[:n_mix] + (1 - share) * F.one_hot(other, self.num_classes).float()
+            labels = soft  # (B, N) class distributions
         return z.to(self.device), labels.to(self.device)
 
     def _query(self, x: torch.Tensor, step: int):

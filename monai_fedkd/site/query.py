@@ -52,6 +52,9 @@ class QuerySite:
         state_dir: where the site checkpoints its own distillation state (resume).
     """
 
+    # building the site (network, discriminator) must not move the caller's random state: the server's generator
+    # and student are initialised the same whether the sites live in this process or elsewhere
+    @torch.random.fork_rng(devices=[])
     def __init__(
         self,
         site_dir: str | os.PathLike,
@@ -67,14 +70,6 @@ class QuerySite:
         state_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        # building the site (network, discriminator) must not move the caller's random state: the server's
-        # generator and student are initialised the same whether the sites live in this process or elsewhere
-        with torch.random.fork_rng(devices=[]):
-            self._build(site_dir, name, real_datalist, real_key, discriminator, discriminator_lr, discriminator_loss_mode,
-                        real_batch_size, max_real, seed, state_dir, device)
-
-    def _build(self, site_dir, name, real_datalist, real_key, discriminator, discriminator_lr, discriminator_loss_mode,
-               real_batch_size, max_real, seed, state_dir, device) -> None:
         self.device = torch.device(device)
         self.network, self.card = load_site_model(site_dir, device=self.device)
         for p in self.network.parameters():

@@ -206,7 +206,7 @@ class FlareTransport(Transport):
     def stats(self) -> dict[str, dict]:
         """Bytes and calls as counted on the server; ``seconds_at_site`` as each site reports it."""
         try:
-            at_site = self._each(lambda p: p.stats(), self._reachable())
+            at_site = self._each(lambda p: p.stats(), self._reachable(None))
         except SiteAnswerError:
             at_site = {}
         out = {}
@@ -217,14 +217,15 @@ class FlareTransport(Transport):
             out[n] = d
         return out
 
-    def _reachable(self) -> list[str]:
-        return [n for n in self._proxies if n not in self._failed]
+    def _reachable(self, sites: list[str] | None) -> list[str]:
+        """The named (default: all) sites, less those whose call already failed."""
+        return [n for n in sites or self._proxies if n not in self._failed]
 
     def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
-        self._each(lambda p: p.save_state(tag), [n for n in sites or self._proxies if n not in self._failed])
+        self._each(lambda p: p.save_state(tag), self._reachable(sites))
 
     def load_site_states(self, tag: str, sites: list[str] | None = None) -> None:
-        self._each(lambda p: p.load_state(tag), [n for n in sites or self._proxies if n not in self._failed])
+        self._each(lambda p: p.load_state(tag), self._reachable(sites))
 
 
 class FlareDistillationServer:

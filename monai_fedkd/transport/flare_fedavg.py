@@ -54,7 +54,8 @@ def fedavg_recipe(
     script = Path(__file__).with_name("flare_fedavg_client.py")
     config = Path(workdir).resolve() / "fedavg_client.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps({"sites": str(Path(sites).resolve()), "bundle": str(Path(bundle).resolve()),
+    # each site's datalist resolved here, once: the client script only looks its own up by its FLARE name
+    config.write_text(json.dumps({"datalists": {e["name"]: e["datalist"] for e in entries}, "bundle": str(Path(bundle).resolve()),
                                   "workdir": str(Path(workdir).resolve() / "sites"), "local_epochs": int(local_epochs),
                                   "overrides": dict(overrides or {})}, indent=2))
     if any(c.isspace() for c in str(config)):

@@ -3,7 +3,7 @@
 FLARE runs this file in each site's process (``FedAvgRecipe(train_script=...)``). The site trains its own site
 bundle (``--bundle``, e.g. ``bundles/site_classification``) on its own datalist for ``--local-epochs`` per round,
 starting from the global weights it receives, and sends back its full weights with the number of steps it ran
-(FedAvg weights sites by it). The site finds its datalist in the sites JSON by its FLARE client name.
+(FedAvg weights sites by it). The site finds its datalist in the job's config by its FLARE client name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     # one JSON file: FLARE splits train_args on white space, so structured values travel in a file
-    parser.add_argument("--config", required=True, help="JSON: sites, bundle, workdir, local_epochs, overrides")
+    parser.add_argument("--config", required=True, help="JSON: datalists (per site), bundle, workdir, local_epochs, overrides")
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
 
@@ -29,13 +29,10 @@ def main(argv=None) -> int:
 
     flare.init()
     site = flare.get_site_name()
-    sites_file = Path(config["sites"])
-    entries = {e["name"]: e for e in json.loads(sites_file.read_text())}
-    if site not in entries:
-        raise ValueError(f"FLARE client '{site}' is not in {sites_file} (sites: {sorted(entries)})")
-    datalist = Path(entries[site]["datalist"])
-    datalist = datalist if datalist.is_absolute() else sites_file.parent / datalist
-    train_kwargs = {**config.get("overrides", {}), "datalist": str(datalist.resolve()),
+    datalists = config["datalists"]
+    if not datalists.get(site):
+        raise ValueError(f"FLARE client '{site}' has no datalist in {args.config} (sites: {sorted(datalists)})")
+    train_kwargs = {**config.get("overrides", {}), "datalist": datalists[site],
                     "output_dir": str((Path(config["workdir"]) / site).resolve()), "site_name": site}
     algo = MonaiAlgo(bundle_root=config["bundle"], local_epochs=int(config.get("local_epochs", 1)), send_weight_diff=False,
                      config_train_filename="configs/train.json", config_evaluate_filename=None, train_kwargs=train_kwargs)
