@@ -139,6 +139,16 @@ def _flare_fedavg(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from monai_fedkd.export import export_bundle
+
+    out = export_bundle(args.model_dir, args.bundle_dir, metrics=args.metrics, modality=args.modality, name=args.name,
+                        version=args.version, overwrite=args.overwrite)
+    print(f"bundle written to {out}; run it with: python -m monai.bundle run --config_file {out}/configs/inference.json "
+          "--input_dir <studies> --output_dir <out>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from monai_fedkd.data.partition import add_partition_arguments
     from monai_fedkd.data.prepare import DATASETS, add_prepare_arguments
@@ -176,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central-override", action="append", default=[], metavar="ID=VALUE", help="central_distillation bundle override")
     p.add_argument("--no-distill", action="store_true", help="stop after the site models (no central model)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("export", help="write a trained model (central or site) as a MONAI bundle that runs without monai_fedkd")
+    p.add_argument("model_dir", help="the model's output_dir (models/model.pt + central_card.json or site_card.json)")
+    p.add_argument("bundle_dir", help="the bundle folder to create")
+    p.add_argument("--metrics", default=None, help="evaluation metrics.json that scored this model (goes into the bundle's README)")
+    p.add_argument("--modality", default=None, help="DICOM Modality the model accepts, e.g. MR (other series are refused; default: any)")
+    p.add_argument("--name", default=None, help="bundle name (default: monai_fedkd <role> <task>)")
+    p.add_argument("--version", default="0.1.0", help="bundle version")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle_dir")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("flare-distill", help="run the central_distillation bundle over NVIDIA FLARE (simulator, POC, or export a job)")
     p.add_argument("--sites", required=True, help="sites JSON of the central bundle (name, dir, datalist per site)")

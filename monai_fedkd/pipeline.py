@@ -182,6 +182,12 @@ def run_pipeline(
     )
     _run_logged(cmd, workdir / "eval.log", "evaluation")
     timings["evaluate_s"] = time.perf_counter() - t0
+    if distill:  # the central model as a bundle a hospital runs with plain MONAI, its scores in its README
+        from monai_fedkd.export import export_bundle
+
+        bundle_dir = export_bundle(central_dir, workdir / "central_bundle", metrics=eval_dir / "metrics.json",
+                                   modality=info.get("modality"), overwrite=True)
+        logger.info("exported the central model as a MONAI bundle: %s", bundle_dir)
     timings_file = workdir / "timings.json"
     if reuse_sites and timings_file.is_file():  # keep the site training times measured when the sites were trained
         timings = {**{k: v for k, v in json.loads(timings_file.read_text()).items() if k.startswith("train_")}, **timings}
@@ -189,4 +195,6 @@ def run_pipeline(
     table = eval_dir / "metrics.md"
     print(table.read_text())
     print(f"results: {eval_dir}  (site logs and timings in {workdir})")
+    if distill:
+        print(f"central model bundle (runs with plain MONAI): {workdir / 'central_bundle'}")
     return table

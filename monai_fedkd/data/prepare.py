@@ -797,6 +797,7 @@ def _prepare_ixi(
             "task": "segmentation",
             "spatial_dims": 3,
             "in_channels": 1,
+            "modality": "MR",
             "num_classes": 1 + len(class_map),
             "class_names": ["background", *class_map],
             "classes": class_map,
