@@ -113,7 +113,7 @@ def test_bundle_files_metadata_and_network(which, request):
               "docs/README.md", "LICENSE", "scripts/fedkd_inference.py"]:
         assert (bundle / f).is_file(), f
     assert not Path(f"{bundle}.partial").exists()
-    assert "monai_fedkd" not in (bundle / "configs" / "inference.json").read_text()
+    assert "monai_fedkd." not in (bundle / "configs" / "inference.json").read_text()  # no component or import of it
     assert not re.search(r"^\s*(import|from)\s+monai_fedkd", (bundle / "scripts" / "fedkd_inference.py").read_text(), re.M)
     meta_file = str(bundle / "configs" / "metadata.json")
     verify_metadata(meta_file=meta_file, filepath=str(SCHEMA))
@@ -330,3 +330,32 @@ def test_runner_really_blocks_monai_fedkd(tmp_path):
     runner.write_text(NO_PLUGIN_RUNNER.replace('runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)', "import monai_fedkd"))
     proc = subprocess.run([PY, str(runner)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and "blocked" in proc.stderr
+
+
+def test_dicom_seg_frames_match_the_nifti_mask_on_each_source_image(seg_central, tmp_path):
+    """DICOM-SEG (highdicom extra): every source image's frame holds the labels of the NIfTI mask at its pixels."""
+    import highdicom as hd
+    import pydicom
+
+    series = require(*DICOM_SERIES.split("/"))
+    studies = tmp_path / "studies"
+    shutil.copytree(series, studies / "series")
+    out = tmp_path / "out"
+    ok(run_exported(seg_central["bundle"], tmp_path, input_dir=studies, output_dir=out, dicom_seg=True))
+    row = read_csv(out / "label_volumes.csv")[0]
+    seg = hd.seg.segread(str(out / row["dicom_seg"]))
+    # reference: the NIfTI mask resampled by SimpleITK onto the source series grid (nearest neighbour)
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(studies / "series"))
+    reader.SetFileNames(files)
+    ref = reader.Execute()
+    mask = sitk.ReadImage(str(out / row["mask"]))
+    expected = sitk.GetArrayFromImage(sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0))  # (slices, rows, cols)
+    sop_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, combine_segments=True)
+    assert got.shape == expected.shape
+    assert (expected > 0).any(), "the test needs foreground to compare"
+    agree = (got == expected).mean()
+    assert agree > 0.999, agree  # nearest-voxel rounding can differ on the odd boundary voxel
+    names = read_site_card(seg_central["central"])["classes"]["names"]
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == names[1:]

@@ -215,7 +215,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
-def _inference_config(card: Mapping, modality: str | None) -> dict:
+def _inference_config(card: Mapping, modality: str | None, name: str) -> dict:
     task = card["task"]
     config = json.loads((TEMPLATES / f"inference_{task}.json").read_text())
     spec, classes = card["input"], card["classes"]
@@ -231,6 +231,7 @@ def _inference_config(card: Mapping, modality: str | None) -> dict:
     })
     if task == "segmentation":
         config["spacing"] = spec.get("spacing")
+        config["model_name"] = name  # the algorithm name in DICOM-SEG objects
     return config
 
 
@@ -288,7 +289,7 @@ def export_bundle(
 
 def _write_bundle(stage: Path, model_dir: Path, net: torch.nn.Module, card: Mapping, name: str, version: str,
                   modality: str | None, found: Mapping | None, metrics) -> None:
-    config = _inference_config(card, modality)
+    config = _inference_config(card, modality, name)
     for sub in ("configs", "models", "scripts", "docs"):
         (stage / sub).mkdir(parents=True)
     (stage / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")

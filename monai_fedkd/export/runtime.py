@@ -10,9 +10,10 @@ What it adds to a MONAI ``SupervisedEvaluator``, because a hospital pipeline nee
   into series by SeriesInstanceUID) or a datalist becomes a list of studies, each with an identifier;
 - :class:`StudyDataset` and :class:`StudyIteration`: a study that cannot be read, has the wrong channel count or
   modality, or fails during inference is recorded with its reason and the run goes on with the next study;
-- :class:`StudyReport`: the masks (segmentation, written under a temporary name and renamed), the per-study CSV
-  (class probabilities, or label volumes in mm^3), ``errors.csv``, and an exit status equal to the number of failed
-  studies (capped at 100), so a pipeline can tell a clean run from a partial one.
+- :class:`StudyReport`: the masks (segmentation, written under a temporary name and renamed; optionally a DICOM-SEG
+  object per DICOM study, with highdicom), the per-study CSV (class probabilities, or label volumes in mm^3),
+  ``errors.csv``, and an exit status equal to the number of failed studies (capped at 100), so a pipeline can tell
+  a clean run from a partial one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,7 +38,7 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import MapTransform
 
-__all__ = ["CheckStudyd", "StudyDataset", "StudyError", "StudyIteration", "StudyReport", "bundle_root", "find_studies", "EXIT_CAP"]
+__all__ = ["CheckStudyd", "StudyDataset", "StudyError", "StudyIteration", "StudyReport", "bundle_root", "find_studies", "write_dicom_seg", "EXIT_CAP"]
 
 logger = logging.getLogger("fedkd_inference")
 
@@ -214,10 +216,14 @@ class StudyDataset(Dataset):
 
     def _transform(self, index: int):
         item = self.data[index]
+        start = time.perf_counter()
         try:
-            return super()._transform(index)
+            d = super()._transform(index)
         except Exception as e:
             return {"study": item["study"], "source": item["source"], "error": _reason(e)}
+        d["load_seconds"] = time.perf_counter() - start  # reported per study with the inference time
+        d["path"] = item["image"]  # what was read: a DICOM-SEG refers to the files of this series
+        return d
 
 
 def _reason(e: BaseException) -> str:
@@ -234,6 +240,63 @@ def _reason(e: BaseException) -> str:
     return f"{stage}: {reason}" if stage else reason
 
 
+def _frames_on_source_grid(mask: np.ndarray, affine: np.ndarray, sources: Sequence) -> np.ndarray:
+    """The label map sampled at every pixel of every source DICOM image (nearest voxel): ``(frames, rows, cols)``.
+
+    Works from geometry alone (ImagePositionPatient, ImageOrientationPatient, PixelSpacing against the mask's RAS
+    affine), so it does not depend on how the reader ordered slices or axes.
+    """
+    inv = np.linalg.inv(affine)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    frames = []
+    for ds in sources:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        origin = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        row_dir, col_dir = iop[:3], iop[3:]  # direction of increasing column index, of increasing row index
+        dr, dc = (float(v) for v in ds.PixelSpacing)  # spacing between rows, between columns
+        i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        lps = origin + j[..., None] * dc * row_dir + i[..., None] * dr * col_dir
+        ras = lps * lps_to_ras
+        vox = np.rint(ras @ inv[:3, :3].T + inv[:3, 3]).astype(np.int64)
+        inside = np.all((vox >= 0) & (vox < np.asarray(mask.shape)), axis=-1)
+        frame = np.zeros((rows, cols), dtype=np.uint8)
+        v = vox[inside]
+        frame[inside] = mask[v[:, 0], v[:, 1], v[:, 2]]
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def write_dicom_seg(mask, series_dir: str | os.PathLike, class_names: Sequence[str], path: str | os.PathLike, model_name: str) -> None:
+    """A DICOM Segmentation object (highdicom) of ``mask`` over the source series in ``series_dir``.
+
+    Segment ``k`` is label value ``k`` (``class_names[k]``); background (0) is no segment.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    files = sorted(p for p in Path(series_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+    sources = [pydicom.dcmread(str(f)) for f in files]
+    array = np.asarray(torch.as_tensor(mask).cpu(), dtype=np.uint8)
+    array = array[0] if array.ndim == 4 else array
+    frames = _frames_on_source_grid(array, np.asarray(mask.affine, dtype=np.float64), sources)
+    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, version="1", family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(segment_number=k, segment_label=name[:64], segmented_property_category=codes.SCT.Tissue,
+                                  segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                  algorithm_identification=algorithm)
+        for k, name in enumerate(class_names) if k > 0
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=999, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="monai_fedkd", manufacturer_model_name=model_name[:64], software_versions="1",
+        device_serial_number="none", omit_empty_frames=False,
+    )
+    seg.save_as(str(path))
+
+
 class StudyReport:
     """Collects per-study results and errors; writes the CSVs (and the masks) and sets the exit status.
 
@@ -245,12 +308,18 @@ class StudyReport:
         exit_on_failure: end the process with the number of failed studies as its status.
     """
 
-    def __init__(self, output_dir: str, task: str, class_names: Sequence[str], mask_saver=None, exit_on_failure: bool = True) -> None:
+    def __init__(self, output_dir: str, task: str, class_names: Sequence[str], mask_saver=None, dicom_seg: bool = False,
+                 model_name: str = "model", exit_on_failure: bool = True) -> None:
         if task not in ("classification", "segmentation"):
             raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
+        if dicom_seg:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError:
+                raise ImportError("dicom_seg=true needs highdicom: pip install highdicom (or set dicom_seg false)") from None
         self.output_dir = Path(output_dir)
         self.task, self.class_names = task, list(class_names)
-        self.mask_saver, self.exit_on_failure = mask_saver, exit_on_failure
+        self.mask_saver, self.dicom_seg, self.model_name, self.exit_on_failure = mask_saver, dicom_seg, model_name, exit_on_failure
         self.rows: list[dict] = []
         self.errors: list[dict] = []
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +340,9 @@ class StudyReport:
             logger.error("study %s (%s) failed: %s", e["study"], e["source"], e["reason"])
             self.errors.append(dict(e))
 
-    def add_result(self, item: Mapping, pred: torch.Tensor) -> None:
+    def add_result(self, item: Mapping, pred: torch.Tensor, seconds: float | None = None) -> None:
         study, source = _first(item["study"]), _first(item["source"])
+        timing = {"seconds": f"{seconds:.3f}" if seconds is not None else ""}
         if self.task == "classification":
             probs = torch.as_tensor(pred).detach().float().cpu().reshape(-1)
             if probs.numel() != len(self.class_names):
@@ -280,21 +350,33 @@ class StudyReport:
             row = {"study": study, "source": source}
             row.update({f"prob_{n}": f"{float(p):.6f}" for n, p in zip(self.class_names, probs)})
             row["predicted_class"] = self.class_names[int(probs.argmax())]
-            self.rows.append(row)
+            self.rows.append({**row, **timing})
             return
         mask = pred  # channel-first label map in the study's own geometry
         affine = np.asarray(getattr(mask, "affine", np.eye(4)), dtype=np.float64)
         spatial = affine.shape[0] - 1
         voxel_mm3 = float(abs(np.linalg.det(affine[:spatial, :spatial])))
         counts = np.bincount(np.asarray(torch.as_tensor(mask).cpu(), dtype=np.int64).ravel(), minlength=len(self.class_names))
-        final = self.output_dir / f"{study}_seg"
-        tmp = self.output_dir / f".{study}_seg.partial"
-        self.mask_saver(mask, filename=str(tmp))
         ext = self.mask_saver.output_ext
-        os.replace(f"{tmp}{ext}", f"{final}{ext}")
-        row = {"study": study, "source": source, "mask": f"{final.name}{ext}", "voxel_mm3": f"{voxel_mm3:.6g}"}
+        row = {"study": study, "source": source, "mask": f"{study}_seg{ext}", "voxel_mm3": f"{voxel_mm3:.6g}"}
+        # every file of the study is written under a temporary name and renamed only when all of them are complete
+        staged = [(self.output_dir / f".{study}_seg.partial{ext}", self.output_dir / row["mask"])]
+        try:
+            self.mask_saver(mask, filename=str(self.output_dir / f".{study}_seg.partial"))
+            if self.dicom_seg:  # studies read from a DICOM series (NIfTI studies have no source images to refer to)
+                series = Path(_first(item["path"]))
+                row["dicom_seg"] = f"{study}_seg.dcm" if series.is_dir() else ""
+                if series.is_dir():
+                    staged.append((self.output_dir / f".{study}_seg.partial.dcm", self.output_dir / row["dicom_seg"]))
+                    write_dicom_seg(mask, series, self.class_names, staged[-1][0], self.model_name)
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
         row.update({f"{n}_mm3": f"{c * voxel_mm3:.6g}" for n, c in zip(self.class_names, counts)})
-        self.rows.append(row)
+        self.rows.append({**row, **timing})
 
     def add_failure(self, item: Mapping, reason: str) -> None:
         self.add_errors([{"study": _first(item["study"]), "source": _first(item["source"]), "reason": reason}])
@@ -343,12 +425,14 @@ class StudyIteration:
         if "error" in batch:
             self.report.add_failure(batch, _first(batch["error"]))
             return {}
+        start = time.perf_counter()
         try:
             output = engine._iteration(engine, batch)
             results = output if isinstance(output, list) else [output]  # decollated by the postprocessing
             if len(results) != 1:
                 raise StudyError(f"expected one study per batch, got {len(results)} (set batch_size to 1)")
-            self.report.add_result(batch, results[0]["pred"])
+            seconds = float(_first(batch["load_seconds"])) + time.perf_counter() - start
+            self.report.add_result(batch, results[0]["pred"], seconds)
             return {}
         except Exception as e:
             self.report.add_failure(batch, _reason(e))
