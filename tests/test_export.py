@@ -359,3 +359,27 @@ def test_dicom_seg_frames_match_the_nifti_mask_on_each_source_image(seg_central,
     assert agree > 0.999, agree  # nearest-voxel rounding can differ on the odd boundary voxel
     names = read_site_card(seg_central["central"])["classes"]["names"]
     assert [d.SegmentLabel for d in seg.SegmentSequence] == names[1:]
+
+
+def test_find_studies_sorts_dicom_by_folder_and_series(tmp_path):
+    from monai_fedkd.export.runtime import find_studies
+
+    series = require(*DICOM_SERIES.split("/"))
+    studies = tmp_path / "studies"
+    shutil.copytree(series, studies / "copy_a")
+    shutil.copytree(series, studies / "nested" / "copy_b")  # the same series twice: two studies, two identifiers
+    (studies / "notes.dcm").write_bytes(b"not a DICOM file")
+    shutil.copy(_ixi_volumes(1)[0], studies / "brain.nii.gz")
+    (studies / "readme.txt").write_text("ignored")
+    items, errors = find_studies(studies, output_dir=tmp_path / "out")
+    import pydicom
+
+    uid = pydicom.dcmread(str(sorted(series.iterdir())[0]), stop_before_pixels=True).SeriesInstanceUID
+    assert [(i["study"], Path(i["image"]).name) for i in items] == [("brain", "brain.nii.gz"), (uid, "copy_a"), (f"{uid}_2", "copy_b")]
+    assert [e["study"] for e in errors] == ["notes.dcm"] and "unreadable DICOM" in errors[0]["reason"]
+    with pytest.raises(ValueError, match="no image files"):
+        (tmp_path / "empty").mkdir()
+        find_studies(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no non-empty 'test'"):
+        (tmp_path / "dl.json").write_text(json.dumps({"training": []}))
+        find_studies(datalist=tmp_path / "dl.json")

@@ -83,24 +83,23 @@ def _dicom_header(path: Path):
 
 
 def _series_items(files: Sequence[Path], output_dir: Path, modality: str | None) -> tuple[list[dict], list[dict]]:
-    """Group DICOM files by SeriesInstanceUID; a series that fills its folder is read from there, others are staged."""
-    series: dict[str, list[Path]] = defaultdict(list)
-    info: dict[str, str] = {}
+    """Group DICOM files by folder and SeriesInstanceUID; a series that fills its folder is read from there, others
+    are staged as a folder of links. The same series copied into two folders stays two studies."""
+    series: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    info: dict[tuple[Path, str], str] = {}
     errors = []
     for f in files:
         try:
             ds = _dicom_header(f)
-            uid = str(ds.SeriesInstanceUID)
+            key = (f.parent, str(ds.SeriesInstanceUID))
         except Exception as e:  # not DICOM after all, truncated, or no series UID
             errors.append({"study": f.name, "source": str(f), "reason": f"unreadable DICOM file: {type(e).__name__}: {e}"})
             continue
-        series[uid].append(f)
-        info.setdefault(uid, str(getattr(ds, "Modality", "") or ""))
+        series[key].append(f)
+        info.setdefault(key, str(getattr(ds, "Modality", "") or "").upper())
     items = []
-    for uid, members in sorted(series.items()):
-        folder = members[0].parent
-        source = str(folder)
-        found = info[uid].upper()
+    for n, ((folder, uid), members) in enumerate(sorted(series.items())):
+        found, source = info[(folder, uid)], str(folder)
         if found in NON_IMAGE_MODALITIES:
             errors.append({"study": uid, "source": source, "reason": f"DICOM series of modality {found} holds no image"})
             continue
@@ -111,7 +110,7 @@ def _series_items(files: Sequence[Path], output_dir: Path, modality: str | None)
         if folder_files == set(members):
             image = folder
         else:  # the folder holds other series or other files: read this series from a folder of links
-            image = output_dir / STAGING / uid
+            image = output_dir / STAGING / f"{n}_{uid}"
             if image.exists():
                 shutil.rmtree(image)
             image.mkdir(parents=True)
