@@ -128,13 +128,14 @@ def write_table(results: dict, page: Path) -> None:
     lines = [
         TABLE_START,
         f"Measured on {env['cpu_count']} CPU cores ({env['machine']}), torch {env['torch']}, MONAI {env['monai']}, "
-        f"{results['repeats']} runs per case, each a fresh `python -m monai.bundle run` process; medians.",
+        f"{results['repeats']} runs per case, each a fresh `python -m monai.bundle run` process; medians. Time per study is "
+        "wall time (reading, preprocessing, inference, inverse transforms, writing), from the bundle's own CSV.",
         "",
-        "| case | studies | CPU time per study, median / max (s) | start-up per run (s) | wall per run (s) | peak memory, RSS (MB) |",
+        "| case | studies | time per study, median / max (s) | start-up per run (s) | wall per run (s) | peak memory, RSS (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
-        lines.append(f"| {c['case']} | {c['studies']} | {c['median_study_s']:.2f} / {c['max_study_s']:.2f} | {c['median_startup_s']:.1f} | "
+        lines.append(f"| {c['case']} | {c['studies']} | {c['median_study_s']:.3f} / {c['max_study_s']:.3f} | {c['median_startup_s']:.1f} | "
                      f"{c['median_wall_s']:.1f} | {c['median_peak_rss_mb']:.0f} |")
     lines += ["", "Reproduce (writes `docs/results/inference_bundle.json` and this table):", "", "```bash",
               f"python -m monai_fedkd.benchmarks.inference_bundle --mirror ../shared/data --repeats {results['repeats']}", "```", TABLE_END]
