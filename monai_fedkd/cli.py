@@ -149,6 +149,20 @@ def _export(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    from monai_fedkd.site.audit import policy_argument, run_audit
+
+    report = run_audit(args.site, args.datalist, args.output_dir, policy=policy_argument(args.policy), max_items=args.max_items,
+                       inversion_steps=args.inversion_steps, seed=args.seed, members_key=args.members_key,
+                       nonmembers_key=args.nonmembers_key)
+    mia, inv = report["membership_inference"], report["input_inversion"]
+    ssim = inv["ssim_to_nearest_training_image"]
+    print(f"membership inference: best attack AUROC {mia['best_attack_auroc']:.3f} {mia['attack_auroc']}; input inversion: SSIM to "
+          f"nearest training image {ssim['inverted']:.3f} (held-out real {ssim['held_out_real']:.3f}, noise {ssim['noise']:.3f}); "
+          f"written to {args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from monai_fedkd.data.partition import add_partition_arguments
     from monai_fedkd.data.prepare import DATASETS, add_prepare_arguments
@@ -196,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="bundle version")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle_dir")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("audit", help="what a site's answers leak under a policy: membership inference and input inversion")
+    p.add_argument("--site", required=True, help="the site's output_dir (models/model.pt + site_card.json)")
+    p.add_argument("--datalist", required=True, help="the site's own datalist (members: --members-key, non-members: --nonmembers-key)")
+    p.add_argument("--output-dir", required=True, help="where audit.json and inversion.png go")
+    p.add_argument("--policy", default=None, help="policy to audit, as JSON or a JSON file (default: the site's own policy)")
+    p.add_argument("--members-key", default="training")
+    p.add_argument("--nonmembers-key", default="test")
+    p.add_argument("--max-items", type=int, default=500, help="members and non-members each")
+    p.add_argument("--inversion-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("flare-distill", help="run the central_distillation bundle over NVIDIA FLARE (simulator, POC, or export a job)")
     p.add_argument("--sites", required=True, help="sites JSON of the central bundle (name, dir, datalist per site)")

@@ -46,7 +46,7 @@ class SpyTransport(InProcessTransport):
         self.crossed.append(request.inputs)
         answers = super().query(request, sites)
         for a in answers.values():
-            self.crossed += [a.logits] + ([a.local_input_grad] if a.local_input_grad is not None else [])
+            self.crossed += [a.outputs] + ([a.local_input_grad] if a.local_input_grad is not None else [])
         return answers
 
     def vjp(self, cotangents):
@@ -160,7 +160,7 @@ class NaNSite(QuerySite):
     def answer(self, request):
         ans = super().answer(request)
         if request.step >= 1:
-            ans.logits = torch.full_like(ans.logits, float("nan"))
+            ans.outputs = torch.full_like(ans.outputs, float("nan"))
         return ans
 
 
@@ -200,7 +200,7 @@ def test_vjp_matches_autograd_through_the_site_network(cls_sites):
     site = QuerySite(cls_sites[1][0])
     x = torch.rand(3, 1, 28, 28)
     ans = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 0.0}))
-    c = torch.randn_like(ans.logits)
+    c = torch.randn_like(ans.outputs)
     v = site.vjp(c)
     net, _ = load_site_model(cls_sites[1][0])
     xr = x.clone().requires_grad_(True)
@@ -265,7 +265,7 @@ def test_segmentation_site_discriminator_sees_real_patches(seg_sites):
     torch.testing.assert_close(a, site._real_batch(3, torch.Generator().manual_seed(0)))
     # one voxel-wise answer: logits for every voxel of the synthetic patch
     ans = site.answer(QueryRequest(torch.rand(2, 1, *size), step=0, local_weights={"entropy": 1.0, "realism": 1.0}))
-    assert tuple(ans.logits.shape) == (2, site.card["classes"]["num_classes"], *size)
+    assert tuple(ans.outputs.shape) == (2, site.card["classes"]["num_classes"], *size)
     assert ans.local_input_grad.abs().sum() > 0 and {"entropy", "realism", "discriminator_loss"} <= set(ans.local_values)
 
 

@@ -46,7 +46,8 @@ from monai_fedkd.losses import (
 )
 from monai_fedkd.networks import network_definition
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
-from monai_fedkd.transport.base import QueryRequest, SiteAnswerError, Transport
+from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
+from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswerError, Transport
 
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -188,7 +189,12 @@ class CentralDistillation:
             classes instead of one class: inputs between classes, where the student must learn the sites' ranking.
         ema_decay / selection: "last" keeps the last student iterate, "ema" its weight average.
         checkpoint_interval / resume: regular checkpoints; ``resume=True`` continues from the newest one.
-        drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping.
+        drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping. A site
+            whose query budget (its policy) runs out always leaves the run; fewer than ``min_sites`` left stops it.
+        zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
+            logits or probabilities), estimate their input-gradient from this many extra queries at
+            ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
+            cross-site terms through their outputs, but the generator learns only from the other sites' gradients.
     """
 
     def __init__(
@@ -216,6 +222,8 @@ class CentralDistillation:
         seed: int = 0,
         drop_failed_sites: bool = False,
         min_sites: int = 1,
+        zeroth_order_directions: int = 0,
+        zeroth_order_step: float = 0.05,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -245,6 +253,14 @@ class CentralDistillation:
         self.spec = check_site_cards(self.cards)
         self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
         self.active_sites = sorted(self.cards)
+        # what each site releases is its own decision, published in its card; the server adapts to it
+        self.policies = {n: AnswerPolicy.from_dict(c.get("answer_policy")) for n, c in self.cards.items()}
+        self.zeroth_order_directions, self.zeroth_order_step = int(zeroth_order_directions), float(zeroth_order_step)
+        for n, p in sorted(self.policies.items()):
+            logger.info("site '%s' answers with policy %s", n, "full answers (default)" if p.is_default else p.as_dict())
+        if not any(p.return_gradients for p in self.policies.values()) and not self.zeroth_order_directions:
+            logger.warning("no site returns gradients and zeroth_order_directions is 0: the generator learns only from its "
+                           "image priors (tv, diversity); set zeroth_order_directions to estimate the sites' gradients")
         self.dropped: dict[str, str] = {}
         self._set_site_weights()
 
@@ -283,8 +299,8 @@ class CentralDistillation:
         if self.class_prior is not None:
             self.terms["balance"].prior = self.class_prior
 
-    def _drop_site(self, site: str, reason: str, step: int) -> None:
-        if not self.drop_failed_sites:
+    def _drop_site(self, site: str, reason: str, step: int, by_policy: bool = False) -> None:
+        if not (self.drop_failed_sites or by_policy):
             raise SiteAnswerError(site, reason)
         self.active_sites.remove(site)
         self.dropped[site] = f"step {step}: {reason}"
@@ -318,7 +334,7 @@ class CentralDistillation:
             try:
                 answers = self.transport.query(QueryRequest(x.detach(), step, local), sites=list(self.active_sites))
             except SiteAnswerError as e:
-                self._drop_site(e.site, str(e), step)
+                self._drop_site(e.site, str(e), step, by_policy=isinstance(e, QueryBudgetExhausted))
                 continue
             bad = {n: r for n, a in answers.items() if (r := self._answer_problem(a, x))}
             if not bad:
@@ -326,12 +342,33 @@ class CentralDistillation:
             for n, r in bad.items():
                 self._drop_site(n, r, step)
 
+    def _zeroth_order_vjp(self, site: str, x: torch.Tensor, released: torch.Tensor, cotangent: torch.Tensor, step: int) -> torch.Tensor:
+        """Estimate ``J^T c`` of a site that returns no gradients from extra queries along random directions:
+        ``mean_i <c, r(x + mu u_i) - r(x)> / mu * u_i`` (a Gaussian-smoothing estimate; probes are kept in range)."""
+        lo, hi = self.spec.get("value_range") or (0.0, 1.0)
+        g, mu = self._rng(step, 2), self.zeroth_order_step
+        estimate = torch.zeros_like(x)
+        for _ in range(self.zeroth_order_directions):
+            u = torch.randn(x.shape, generator=g).to(self.device)
+            try:
+                probe = self.transport.query(QueryRequest((x + mu * u).clamp(lo, hi), step, {}, want_input_grad=False,
+                                                          update_discriminator=False), sites=[site])[site]
+            except SiteAnswerError as e:
+                self._drop_site(e.site, str(e), step, by_policy=isinstance(e, QueryBudgetExhausted))
+                return estimate
+            diff = ((probe.outputs.to(self.device).float() - released) * cotangent).flatten(1).sum(1)
+            estimate += (diff / (mu * self.zeroth_order_directions)).view(-1, *[1] * (x.ndim - 1)) * u
+        return estimate
+
     def _answer_problem(self, answer, x) -> str | None:
-        expected = (x.shape[0], self.num_classes) + (tuple(x.shape[2:]) if self.task == "segmentation" else ())
-        if tuple(answer.logits.shape) != expected:
-            return f"answered logits of shape {tuple(answer.logits.shape)}, expected {expected}"
-        if not torch.isfinite(answer.logits).all():
-            return "answered NaN/Inf logits"
+        spatial = tuple(x.shape[2:]) if self.task == "segmentation" else ()
+        expected = (x.shape[0],) + spatial if answer.kind == "labels" else (x.shape[0], self.num_classes) + spatial
+        if tuple(answer.outputs.shape) != expected:
+            return f"answered {answer.kind} of shape {tuple(answer.outputs.shape)}, expected {expected}"
+        if answer.kind == "labels" and ((answer.outputs < 0) | (answer.outputs >= self.num_classes)).any():
+            return f"answered labels outside [0, {self.num_classes})"
+        if not torch.isfinite(answer.outputs.float()).all():
+            return f"answered NaN/Inf {answer.kind}"
         g = answer.local_input_grad
         if g is not None and (tuple(g.shape) != tuple(x.shape) or not torch.isfinite(g).all()):
             return "answered an input-gradient of the wrong shape or with NaN/Inf"
@@ -348,7 +385,9 @@ class CentralDistillation:
 
         t0 = time.perf_counter()
         names = list(self.active_sites)
-        logits = {n: answers[n].logits.to(self.device).float().requires_grad_(True) for n in names}
+        # released outputs (logits, probabilities, top-k or labels, as each site's policy says) read as logits
+        released = {n: answers[n].outputs.to(self.device).float().requires_grad_(answers[n].kind != "labels") for n in names}
+        logits = {n: released_log_probabilities(released[n], answers[n].kind, self.num_classes) for n in names}
         stacked = torch.stack([logits[n] for n in names])
         log_probs = ensemble_log_probabilities(stacked, self.expertise)
         probs = log_probs.exp()
@@ -360,14 +399,20 @@ class CentralDistillation:
         if self.conditional:
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
         total = sum(server_terms.values())
-        cotangents = dict(zip(names, torch.autograd.grad(total, [logits[n] for n in names], allow_unused=True)))
-        cotangents = {n: c for n, c in cotangents.items() if c is not None}
+        differentiable = [n for n in names if released[n].requires_grad]
+        grads = torch.autograd.grad(total, [released[n] for n in differentiable], allow_unused=True) if differentiable else []
+        cotangents = {n: c for n, c in zip(differentiable, grads) if c is not None}
         self.timing["server_s"] += time.perf_counter() - t0
+        with_vjp = {n: c for n, c in cotangents.items() if self.policies[n].return_gradients}
         try:
-            vjps = self.transport.vjp(cotangents) if cotangents else {}
+            vjps = self.transport.vjp(with_vjp) if with_vjp else {}
         except SiteAnswerError as e:  # a site left between the two round trips: this step uses the others' VJPs
             self._drop_site(e.site, str(e), step)
             vjps = {n: v for n, v in e.partial.items() if n in self.active_sites}
+        if self.zeroth_order_directions:
+            for n, c in cotangents.items():
+                if n not in with_vjp and n in self.active_sites:
+                    vjps[n] = self._zeroth_order_vjp(n, x.detach(), released[n].detach(), c, step)
 
         grad_x = torch.zeros_like(x)
         for n in names:
@@ -452,6 +497,11 @@ class CentralDistillation:
     def central_card(self, engine) -> dict:
         first = self.cards[self.active_sites[0]]
         stats = self.transport.stats()
+        privacy = self.transport.privacy_reports()
+        for n, report in sorted(privacy.items()):
+            eps = report.get("epsilon")
+            logger.info("site '%s': %d releases, epsilon %s at delta %g", n, report.get("releases", 0),
+                        "unbounded (no noise)" if eps is None else f"{eps:.3g}", report.get("delta", float("nan")))
         return {
             "format_version": 1,
             "site": "central",
@@ -471,7 +521,9 @@ class CentralDistillation:
             "student_steps": self.student_steps,
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
+                          "policy": self.policies[n].as_dict(), "privacy": privacy.get(n),
                           "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
+            "zeroth_order_directions": self.zeroth_order_directions,
             "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
             "timing": dict(self.timing),
             "sample_count": sum(int(c.get("sample_count") or 0) for c in self.cards.values()),

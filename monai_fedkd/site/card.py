@@ -99,6 +99,7 @@ class SiteOutputWriter:
         site_name: str | None = None,
         seed: int | None = None,
         publish_counts: bool = True,
+        answer_policy: dict | None = None,
         extra: dict | None = None,
     ) -> None:
         if task not in ("classification", "segmentation"):
@@ -108,6 +109,9 @@ class SiteOutputWriter:
         self.checkpoint_name = checkpoint_name
         self.network = network
         self.network_def = network_definition(network)  # fail before training if it cannot be recorded
+        from monai_fedkd.site.policy import AnswerPolicy  # a policy that cannot be enforced fails before training too
+
+        policy = AnswerPolicy.from_dict(answer_policy).as_dict()
         self.train_items = list(train_items)
         self.validator, self.key_metric = validator, key_metric
         names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
@@ -128,6 +132,7 @@ class SiteOutputWriter:
             "classes": {"num_classes": int(num_classes), "names": names},
             "network_def": self.network_def,
             "checkpoint": f"models/{checkpoint_name}",
+            "answer_policy": policy,
             "seed": seed,
             "monai_fedkd_version": __version__,
             **(extra or {}),

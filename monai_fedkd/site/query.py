@@ -8,7 +8,11 @@ images (for its discriminator only) and the discriminator itself. It answers:
   prior when its network has BatchNorm); then, locally, one discriminator update on real vs the server's inputs;
 - ``vjp(cotangent)``: ``J^T c`` through its network for the inputs of the last query.
 
-Inputs outside the card's input spec are refused. It counts queries and payload bytes.
+What it releases follows the site's own :class:`~monai_fedkd.site.policy.AnswerPolicy` (``site_policy.json`` beside
+its model, else the ``answer_policy`` of its card, else full answers): outputs as logits, probabilities, top-k or
+labels, gradients or none, clipping, Gaussian noise and a query budget; it keeps its own privacy ledger and
+publishes the policy in its card. Inputs outside the card's input spec are refused. It counts queries and payload
+bytes.
 """
 
 from __future__ import annotations
@@ -29,9 +33,30 @@ from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
 from monai_fedkd.site.card import load_site_model
-from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
+from monai_fedkd.site.policy import AnswerPolicy, PrivacyLedger
+from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
 
-__all__ = ["QuerySite", "load_query_sites", "site_entries"]
+__all__ = ["POLICY_FILE", "QuerySite", "load_query_sites", "read_site_policy", "site_entries"]
+
+POLICY_FILE = "site_policy.json"
+
+
+def read_site_policy(site_dir: str | os.PathLike, card: Mapping) -> AnswerPolicy:
+    """The site's answer policy: ``site_policy.json`` beside its model (the site may change it without retraining),
+    else the ``answer_policy`` its bundle recorded in the card, else full answers."""
+    import json
+
+    path = Path(site_dir) / POLICY_FILE
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"site policy {path} is not valid JSON: {e}") from None
+        try:
+            return AnswerPolicy.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"site policy {path}: {e}") from None
+    return AnswerPolicy.from_dict(card.get("answer_policy"))
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +101,7 @@ class QuerySite:
             p.requires_grad_(False)
         self.name = name or self.card["site"]
         self.seed = int(seed)
+        self.set_policy(read_site_policy(site_dir, self.card))
         self.spec = self.card["input"]
         self.stats = TransportStats()
         self.state_dir = Path(state_dir) if state_dir else Path(site_dir) / "distillation_state"
@@ -94,6 +120,16 @@ class QuerySite:
             kwargs = {"spatial_dims": self.card["spatial_dims"], "in_channels": self.spec["channels"], **dict(discriminator or {})}
             self.discriminator = PatchDiscriminatorScore(**kwargs).to(self.device)
             self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=discriminator_lr, betas=(0.5, 0.999))
+
+    def set_policy(self, policy: AnswerPolicy) -> None:
+        """Adopt ``policy`` (the site's own decision; the audit tries candidates) and publish it in the card."""
+        self.policy = policy
+        self.card = {**self.card, "answer_policy": policy.as_dict()}
+        self.ledger = PrivacyLedger(policy)
+        self._noise = torch.Generator().manual_seed(self.seed * 1_000_033 + 17)  # the site's own noise stream
+
+    def privacy_report(self) -> dict:
+        return {**self.ledger.report(), "queries": self.stats.queries}
 
     # ---- data ------------------------------------------------------------------------------------------------
     def _load_real_images(self, datalist, key: str, max_real: int | None) -> torch.Tensor:
@@ -139,6 +175,9 @@ class QuerySite:
         start = time.perf_counter()
         x = request.inputs.to(self.device).float()
         self._check_inputs(x)
+        budget = self.policy.max_queries
+        if budget is not None and self.stats.queries >= budget:
+            raise QueryBudgetExhausted(self.name, f"its query budget of {budget} queries is exhausted (site policy)")
         self.stats.queries += 1
         self.stats.bytes_received += payload_bytes(request.inputs)
         x = x.detach().requires_grad_(True)
@@ -164,15 +203,18 @@ class QuerySite:
             values["realism"] = float(realism.detach())
             local = local + float(weights.get("realism", 0.0)) * realism
         grad = None
-        if request.want_input_grad and local.requires_grad:
-            (grad,) = torch.autograd.grad(local, x, retain_graph=True)
-        elif request.want_input_grad:
-            grad = torch.zeros_like(x)
-        self._last = (x, logits)
+        if request.want_input_grad and self.policy.return_gradients:
+            grad = torch.autograd.grad(local, x, retain_graph=True)[0] if local.requires_grad else torch.zeros_like(x)
+            grad = self.policy.release_gradient(grad.cpu(), self._noise)
+            self.ledger.record(grad.shape[0])
+        pre = self.policy.pre_release(logits)  # what a VJP differentiates: the released values before noise
+        outputs, kind, mechanisms = self.policy.release_outputs(logits.cpu(), self._noise)
+        self.ledger.record(mechanisms)
+        self._last = (x, pre)
         if request.update_discriminator and self.discriminator is not None:
             values["discriminator_loss"] = self._update_discriminator(x.detach(), request.step)
-        answer = SiteAnswer(self.name, logits.detach(), values, grad.detach() if grad is not None else None)
-        self.stats.bytes_sent += payload_bytes(answer.logits, answer.local_input_grad) + 8 * len(values)
+        answer = SiteAnswer(self.name, outputs, values, grad, kind)
+        self.stats.bytes_sent += payload_bytes(answer.outputs, answer.local_input_grad) + 8 * len(values)
         self.stats.seconds_at_site += time.perf_counter() - start
         return answer
 
@@ -188,39 +230,48 @@ class QuerySite:
 
     # ---- round trip 2 ----------------------------------------------------------------------------------------
     def vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
+        """``J^T c`` through the released values (before noise) for the inputs of the last query, clipped and noised
+        as the policy says; refused when the policy returns no gradients."""
+        if not self.policy.return_gradients:
+            raise SiteAnswerError(self.name, "its policy returns no gradients: vector-Jacobian products are refused")
         if self._last is None:
             raise SiteAnswerError(self.name, "vector-Jacobian product requested before any query")
         start = time.perf_counter()
-        x, logits = self._last
-        if tuple(cotangent.shape) != tuple(logits.shape):
-            raise SiteAnswerError(self.name, f"cotangent shape {tuple(cotangent.shape)} does not match its outputs {tuple(logits.shape)}")
+        x, released = self._last
+        if tuple(cotangent.shape) != tuple(released.shape):
+            raise SiteAnswerError(self.name, f"cotangent shape {tuple(cotangent.shape)} does not match its outputs {tuple(released.shape)}")
         self.stats.vjps += 1
         self.stats.bytes_received += payload_bytes(cotangent)
-        (grad,) = torch.autograd.grad(logits, x, cotangent.to(logits), retain_graph=False)
+        (grad,) = torch.autograd.grad(released, x, cotangent.to(released), retain_graph=False)
         self._last = None
+        grad = self.policy.release_gradient(grad.cpu(), self._noise)
+        self.ledger.record(grad.shape[0])
         self.stats.bytes_sent += payload_bytes(grad)
         self.stats.seconds_at_site += time.perf_counter() - start
-        return grad.detach()
+        return grad
 
     # ---- the site's own state (resume) --------------------------------------------------------------------
     def save_state(self, tag: str) -> None:
-        if self.discriminator is None:
-            return
+        """Checkpoint what the site changes during a run: its discriminator, its counters, its noise stream, its ledger."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / f".{tag}.pt.tmp"
-        torch.save({"discriminator": self.discriminator.state_dict(), "optimizer": self.d_optimizer.state_dict(), "stats": self.stats.as_dict()}, tmp)
+        state = {"stats": self.stats.as_dict(), "noise_rng": self._noise.get_state(), "releases": self.ledger.releases}
+        if self.discriminator is not None:
+            state.update(discriminator=self.discriminator.state_dict(), optimizer=self.d_optimizer.state_dict())
+        torch.save(state, tmp)
         os.replace(tmp, self.state_dir / f"{tag}.pt")
 
     def load_state(self, tag: str) -> None:
-        if self.discriminator is None:
-            return
         path = self.state_dir / f"{tag}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"site '{self.name}' has no saved distillation state {path} to resume from")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.d_optimizer.load_state_dict(state["optimizer"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.d_optimizer.load_state_dict(state["optimizer"])
         self.stats = TransportStats(**state["stats"])
+        self._noise.set_state(state["noise_rng"])
+        self.ledger.releases = int(state["releases"])
 
 
 def site_entries(sites, seed: int = 0) -> list[dict]:

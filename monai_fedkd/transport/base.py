@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["QueryRequest", "SiteAnswer", "SiteAnswerError", "Transport", "TransportStats", "payload_bytes"]
+__all__ = ["QueryBudgetExhausted", "QueryRequest", "SiteAnswer", "SiteAnswerError", "Transport", "TransportStats", "payload_bytes"]
 
 
 class SiteAnswerError(RuntimeError):
@@ -29,6 +29,10 @@ class SiteAnswerError(RuntimeError):
         super().__init__(f"site '{site}': {reason}")
         self.site = site
         self.partial = dict(partial or {})  # answers of the other sites of the same call, when there were any
+
+
+class QueryBudgetExhausted(SiteAnswerError):
+    """A site's policy allows no more queries: the site leaves the run (its right, not a fault)."""
 
 
 def payload_bytes(*tensors) -> int:
@@ -48,10 +52,17 @@ class QueryRequest:
 
 @dataclass
 class SiteAnswer:
+    """What a site releases under its answer policy.
+
+    ``outputs`` are of ``kind`` ``"logits"`` ``(B, N, *spatial)``, ``"probabilities"`` / ``"top_k"`` (same shape) or
+    ``"labels"`` (class indices ``(B, *spatial)``); ``local_input_grad`` is ``None`` when the policy returns no gradients.
+    """
+
     site: str
-    logits: torch.Tensor
+    outputs: torch.Tensor
     local_values: dict[str, float] = field(default_factory=dict)
     local_input_grad: torch.Tensor | None = None
+    kind: str = "logits"
 
 
 @dataclass
@@ -85,6 +96,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, dict]:
         """Per-site counters: queries, VJPs, bytes sent to / received from the site, time at the site."""
+
+    def privacy_reports(self) -> dict[str, dict]:
+        """Per-site privacy accounting as each site reports it: its policy, releases and epsilon at its delta."""
+        return {}
 
     def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
         """Ask every (or each named) site to checkpoint its own distillation state (its discriminator) under ``tag``."""

@@ -30,7 +30,7 @@ import torch
 
 from monai.utils import optional_import
 
-from monai_fedkd.transport.base import QueryRequest, SiteAnswer, SiteAnswerError, Transport, TransportStats, payload_bytes
+from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswer, SiteAnswerError, Transport, TransportStats, payload_bytes
 
 collab, has_nvflare = optional_import("nvflare.collab", name="collab")
 CollabRecipe, _ = optional_import("nvflare.collab", name="CollabRecipe")
@@ -98,7 +98,8 @@ class FlareSite:
     def answer(self, inputs: torch.Tensor, step: int, local_weights: dict, want_input_grad: bool, update_discriminator: bool) -> dict:
         with self._lock:
             ans = self.site.answer(QueryRequest(inputs, int(step), dict(local_weights), bool(want_input_grad), bool(update_discriminator)))
-        return {"logits": _wire(ans.logits), "local_values": dict(ans.local_values), "local_input_grad": _wire(ans.local_input_grad)}
+        return {"outputs": _wire(ans.outputs), "kind": ans.kind, "local_values": dict(ans.local_values),
+                "local_input_grad": _wire(ans.local_input_grad)}
 
     @_decorate("publish")
     def vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,10 @@ class FlareSite:
     @_decorate("publish")
     def stats(self) -> dict:
         return self.site.stats.as_dict()
+
+    @_decorate("publish")
+    def privacy(self) -> dict:
+        return json.loads(json.dumps(self.site.privacy_report()))
 
     @_decorate("publish")
     def save_state(self, tag: str) -> bool:
@@ -168,6 +173,8 @@ class FlareTransport(Transport):
             self._failed.update(errors)
             name = sorted(errors)[0]
             cause = getattr(errors[name], "cause", None) or str(errors[name])
+            if QueryBudgetExhausted.__name__ in f"{cause} {type(errors[name]).__name__}":  # the site's policy, not a fault
+                raise QueryBudgetExhausted(name, str(cause), partial=results)
             raise SiteAnswerError(name, f"FLARE call failed: {cause}", partial=results)
         return results
 
@@ -182,11 +189,11 @@ class FlareTransport(Transport):
         out = {}
         for n in names:
             r = raw[n]
-            ans = SiteAnswer(n, r["logits"], {k: float(v) for k, v in r["local_values"].items()}, r.get("local_input_grad"))
+            ans = SiteAnswer(n, r["outputs"], {k: float(v) for k, v in r["local_values"].items()}, r.get("local_input_grad"), r["kind"])
             s = self._stats[n]
             s.queries += 1
             s.bytes_sent += payload_bytes(x)
-            s.bytes_received += payload_bytes(ans.logits, ans.local_input_grad) + 8 * len(ans.local_values)
+            s.bytes_received += payload_bytes(ans.outputs, ans.local_input_grad) + 8 * len(ans.local_values)
             s.seconds_in_transport += self._elapsed[n]  # round trip incl. site compute; stats() subtracts the latter
             out[n] = ans
         return out
@@ -216,6 +223,12 @@ class FlareTransport(Transport):
             d["seconds_in_transport"] = max(d["seconds_in_transport"] - d["seconds_at_site"], 0.0) if n in at_site else d["seconds_in_transport"]
             out[n] = d
         return out
+
+    def privacy_reports(self) -> dict[str, dict]:
+        try:
+            return self._each(lambda p: p.privacy(), self._reachable(None))
+        except SiteAnswerError:  # a site that left keeps its own ledger; the card says it was dropped
+            return {}
 
     def _reachable(self, sites: list[str] | None) -> list[str]:
         """The named (default: all) sites, less those whose call already failed."""

@@ -37,8 +37,8 @@ class InProcessTransport(Transport):
             site = self.__sites[name]
             at_site = site.stats.seconds_at_site
             ans = site.answer(req)
-            out[name] = SiteAnswer(name, ans.logits.clone(), dict(ans.local_values),
-                                   None if ans.local_input_grad is None else ans.local_input_grad.clone())
+            out[name] = SiteAnswer(name, ans.outputs.clone(), dict(ans.local_values),
+                                   None if ans.local_input_grad is None else ans.local_input_grad.clone(), ans.kind)
             site.stats.seconds_in_transport += (time.perf_counter() - t0) - (site.stats.seconds_at_site - at_site)
         return out
 
@@ -52,6 +52,9 @@ class InProcessTransport(Transport):
 
     def stats(self) -> dict[str, dict]:
         return {n: s.stats.as_dict() for n, s in self.__sites.items()}
+
+    def privacy_reports(self) -> dict[str, dict]:
+        return {n: s.privacy_report() for n, s in self.__sites.items()}
 
     def save_site_states(self, tag: str, sites: list[str] | None = None) -> None:
         for name in sites or list(self.__sites):
