@@ -30,6 +30,7 @@ from monai.bundle import ckpt_export
 
 from monai_fedkd import __version__
 from monai_fedkd.site.card import load_site_model
+from monai_fedkd.site.policy import AnswerPolicy
 
 __all__ = ["ExportError", "export_bundle", "plain_network_def", "RUNTIME_MODULE"]
 
@@ -182,11 +183,11 @@ def _readme(card: Mapping, name: str, found: Mapping | None, modality: str | Non
     if role == "central":
         lines += [f"Distilled centrally in query mode (FedIOD-style): the server saw only the sites' answers on synthetic "
                   f"inputs, never their images or weights. Seed {card.get('seed')}, {card.get('iterations')} generator steps, "
-                  f"model selection `{card.get('selection')}` (no test data).", "", "| site | samples | class counts | policy | dropped |",
-                  "|---|---|---|---|---|"]
+                  f"model selection `{card.get('selection')}` (no test data).", "",
+                  "| site | samples | class counts | answer policy | epsilon (delta) | dropped |", "|---|---|---|---|---|---|"]
         for site, s in (card.get("sites") or {}).items():
-            policy = s.get("policy") or "none recorded (answers given in full)"
-            lines.append(f"| {site} | {s.get('sample_count')} | {s.get('class_counts')} | {policy} | {s.get('dropped') or ''} |")
+            lines.append(f"| {site} | {s.get('sample_count')} | {s.get('class_counts')} | {_policy_text(s.get('policy'))} | "
+                         f"{_epsilon_text(s.get('privacy'))} | {s.get('dropped') or ''} |")
     else:
         val = card.get("validation") or {}
         lines += [f"Trained at site `{card.get('site')}` on {card.get('sample_count')} samples (class counts "
@@ -207,6 +208,21 @@ def _readme(card: Mapping, name: str, found: Mapping | None, modality: str | Non
               "`models/model.ts` (TorchScript, for MONAI Deploy or other runtimes), `scripts/fedkd_inference.py` (study discovery, "
               "per-study errors, reports), `LICENSE`.", ""]
     return "\n".join(lines)
+
+
+def _policy_text(policy: Mapping | None) -> str:
+    if policy is None:
+        return "not recorded"
+    changed = {k: v for k, v in policy.items() if v != getattr(AnswerPolicy(), k)}
+    return "full answers (logits and gradients)" if not changed else ", ".join(f"{k}={v}" for k, v in changed.items())
+
+
+def _epsilon_text(privacy: Mapping | None) -> str:
+    if not privacy:
+        return "not recorded"
+    if privacy.get("epsilon") is None:
+        return "unbounded (no noise)"
+    return f"{privacy['epsilon']:.3g} ({privacy.get('delta')})"
 
 
 def _fmt(v: Any) -> str:
