@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where audit.json and inversion.png go")
     p.add_argument("--policy", default=None, help="policy to audit, as JSON or a JSON file (default: the site's own policy)")
     p.add_argument("--members-key", default="training")
-    p.add_argument("--nonmembers-key", default="test")
+    p.add_argument("--nonmembers-key", default="validation",
+                   help="held-out images of the same distribution as the training images (default: the site's validation split)")
     p.add_argument("--max-items", type=int, default=500, help="members and non-members each")
     p.add_argument("--inversion-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

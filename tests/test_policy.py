@@ -201,10 +201,12 @@ def test_audit_detects_an_overfit_site_and_noise_hides_it(overfit_site, tmp_path
 
     site, datalist = overfit_site
     leaky = membership_inference(site, datalist)
-    assert leaky["members"] == 150 and leaky["best_attack_auroc"] > 0.62, leaky
+    # non-members are the site's validation images (same distribution); 150 each: chance is 0.5 +- 0.03
+    assert leaky["members"] == 150 and leaky["best_attack_auroc"] > 0.57, leaky
     noisy = {"outputs": "probabilities", "clip_outputs": 1.0, "clip_gradients": 0.1, "noise_multiplier": 20.0}
     hidden = membership_inference(site, datalist, policy=noisy)
-    assert hidden["best_attack_auroc"] < leaky["best_attack_auroc"] - 0.08, (leaky, hidden)
+    assert hidden["attack_auroc"]["loss"] < leaky["attack_auroc"]["loss"] - 0.08, (leaky, hidden)
+    assert hidden["best_attack_auroc"] < 0.56, hidden
     assert hidden["privacy"]["epsilon"] is not None and leaky["privacy"]["epsilon"] is None
     # the whole audit through the CLI: both attacks, a report and the inverted images
     out = tmp_path / "audit"

@@ -49,12 +49,17 @@ def _site_model(dataset: str, mirror, workdir: Path, max_per_split: int, extra: 
     return site, datalist, info
 
 
-def _studies_ixi(datalist: Path, target: Path) -> str:
+def _studies_from_datalist(datalist: Path, target: Path) -> int:
+    """Copy the test images of a prepared datalist into a plain folder of studies; returns how many."""
     target.mkdir(parents=True)
     items = json.loads(datalist.read_text())["test"]
     for item in items:
         shutil.copy(datalist.parent / item["image"], target / Path(item["image"]).name)
-    return f"{len(items)} IXI T1 NIfTI volumes, 120×120×90 at 2 mm"
+    return len(items)
+
+
+def _studies_ixi(datalist: Path, target: Path) -> str:
+    return f"{_studies_from_datalist(datalist, target)} IXI T1 NIfTI volumes, 120×120×90 at 2 mm"
 
 
 def _studies_dicom(series: Path, target: Path, copies: int = 4) -> str:
@@ -64,11 +69,7 @@ def _studies_dicom(series: Path, target: Path, copies: int = 4) -> str:
 
 
 def _studies_png(datalist: Path, target: Path) -> str:
-    target.mkdir(parents=True)
-    items = json.loads(datalist.read_text())["test"]
-    for item in items:
-        shutil.copy(datalist.parent / item["image"], target / Path(item["image"]).name)
-    return f"{len(items)} PneumoniaMNIST PNG images, 28×28"
+    return f"{_studies_from_datalist(datalist, target)} PneumoniaMNIST PNG images, 28×28"
 
 
 def _run(bundle: Path, studies: Path, out: Path, log: Path, extra: dict, repeats: int) -> list[dict]:

@@ -5,7 +5,8 @@ attacks use only what the policy releases, exactly as the server would receive i
 :class:`~monai_fedkd.site.query.QuerySite` path):
 
 - **membership inference**: the site's training images (members) and held-out images of the same distribution
-  (non-members) are sent as queries; the attacker scores each by the loss of the released answer on the true label
+  (non-members; by default the site's validation split: a test split may come from another distribution, as
+  PneumoniaMNIST's does, and an attack would then detect the shift instead of membership) are sent as queries; the attacker scores each by the loss of the released answer on the true label
   (members have lower loss) and, where the policy returns gradients, by the norm of the returned input-gradient of
   that loss. Reported as attack AUROC per score and the best of them (0.5 = no leakage).
 - **input inversion**: starting from noise, inputs are optimised to make the site answer a target class, using the
@@ -70,7 +71,7 @@ def _ask(site: QuerySite, x: torch.Tensor, step: int):
     return site.answer(QueryRequest(x, step, {}, want_input_grad=False, update_discriminator=False))
 
 
-def membership_inference(site_dir, datalist, policy=None, members_key: str = "training", nonmembers_key: str = "test",
+def membership_inference(site_dir, datalist, policy=None, members_key: str = "training", nonmembers_key: str = "validation",
                          max_items: int = 500, batch_size: int = 64, seed: int = 0, device: str = "cpu") -> dict:
     """Attack AUROC of loss- and gradient-based membership inference on the site's answers under ``policy``
     (``None``: the site's own policy)."""
@@ -120,7 +121,7 @@ def _ssim_to_nearest(images: torch.Tensor, references: torch.Tensor, spatial_dim
 
 
 def input_inversion(site_dir, datalist, policy=None, target_class: int | None = None, n_images: int = 8, steps: int = 200,
-                    lr: float = 0.1, zeroth_order_directions: int = 8, members_key: str = "training", nonmembers_key: str = "test",
+                    lr: float = 0.1, zeroth_order_directions: int = 8, members_key: str = "training", nonmembers_key: str = "validation",
                     max_references: int = 1000, seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
     """Invert ``n_images`` inputs of ``target_class`` (default: the site's largest class) from query access; returns
     ``(report, images)`` where images holds the inverted inputs and their nearest training images."""
@@ -181,7 +182,7 @@ def input_inversion(site_dir, datalist, policy=None, target_class: int | None = 
 
 
 def run_audit(site_dir, datalist, output_dir, policy=None, max_items: int = 500, inversion_steps: int = 200, seed: int = 0,
-              members_key: str = "training", nonmembers_key: str = "test") -> dict:
+              members_key: str = "training", nonmembers_key: str = "validation") -> dict:
     """Both attacks; writes ``audit.json`` and ``inversion.png`` (row 1: inverted inputs, row 2: nearest training
     images) to ``output_dir``."""
     from monai_fedkd.site.card import atomic_write_json
