@@ -8,7 +8,6 @@ beside the site models, their ensemble and the distilled central model.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -18,8 +17,7 @@ import torch
 
 from monai.utils import optional_import
 
-from monai_fedkd import __version__
-from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json, read_site_card
+from monai_fedkd.site.card import read_site_card
 from monai_fedkd.site.query import site_entries
 
 _, has_nvflare = optional_import("nvflare.collab")
@@ -68,19 +66,11 @@ def fedavg_recipe(
 def write_fedavg_model(global_model: str | os.PathLike, sites: str | os.PathLike, output_dir: str | os.PathLike, num_rounds: int,
                        local_epochs: int) -> Path:
     """Write FLARE's final global weights as ``models/model.pt`` + a card (from the first site's card, ``role: fedavg``)."""
+    from monai_fedkd.baselines import write_global_model
+
     state = torch.load(global_model, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # PTFileModelPersistor's layout
     entries = site_entries(sites)
-    card = dict(read_site_card(entries[0]["site_dir"]))
-    out = Path(output_dir)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    tmp = out / "models" / ".model.pt.tmp"
-    torch.save({k: torch.as_tensor(v) for k, v in state.items()}, tmp)
-    os.replace(tmp, out / "models" / "model.pt")
-    card.update({"site": "fedavg", "role": "fedavg", "checkpoint": "models/model.pt", "sample_count": None, "class_counts": None,
-                 "training": {"rounds": int(num_rounds), "local_epochs": int(local_epochs), "sites": [e["name"] for e in entries]},
-                 "validation": None, "monai_fedkd_version": __version__,
-                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    atomic_write_json(out / CENTRAL_CARD_NAME, card)
-    return out / "models" / "model.pt"
+    return write_global_model(state, read_site_card(entries[0]["site_dir"]), output_dir, "fedavg",
+                              {"rounds": int(num_rounds), "local_epochs": int(local_epochs), "sites": [e["name"] for e in entries]})
