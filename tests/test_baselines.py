@@ -87,3 +87,19 @@ def test_centralized_trains_on_the_pooled_sites(two_sites, tmp_path):
 def test_fedavg_refuses_sites_of_different_architectures(cls_sites, tmp_path):
     with pytest.raises(ValueError, match="one architecture"):
         one_shot_fedavg([d for d, _ in cls_sites], tmp_path / "x")
+
+
+def test_dense_config_runs_the_one_shot_peer(cls_sites, tmp_path):
+    """DENSE through the central bundle: unconditional generator, pseudo-label CE, plain-mean ensemble, no discriminators."""
+    sites = tmp_path / "sites.json"
+    sites.write_text(json.dumps([{"name": Path(d).name, "dir": str(d), "datalist": str(dl)} for d, dl in cls_sites]))
+    out = tmp_path / "dense"
+    ok(run_bundle("central_distillation", ["train.json", "dense.json"], {"sites": str(sites), "output_dir": str(out), "iterations": 2,
+                                                                          "batch_size": 8, "student_batch_size": 8}))
+    _, card = load_site_model(out)
+    assert card["weights"]["pseudo_label"] == 1.0 and card["weights"]["consensus"] == 0.0 and card["ensemble_weighting"] == "mean"
+    assert card["generator_def"]["num_classes"] is None
+    for weights in card["expertise_weights"].values():
+        assert weights == pytest.approx([0.5, 0.5])
+    assert not any(out.glob("site_state/*/*.pt")) or all("discriminator" not in torch.load(p, weights_only=True)
+                                                         for p in out.glob("site_state/*/*.pt"))

@@ -69,6 +69,7 @@ DEFAULT_WEIGHTS = {
     "entropy": 0.0,          # site-local: each site confident (0.1 cost ~0.01 AUROC on PneumoniaMNIST: it removes boundary samples)
     "realism": 0.5,          # site-local: each site's discriminator finds the inputs real
     "bn_statistics": 0.0,    # site-local: BatchNorm statistics prior (only sites whose network has BatchNorm)
+    "pseudo_label": 0.0,     # ensemble confident in its own argmax (DENSE's cross-entropy; for unconditional generators)
 }
 SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
 
@@ -191,6 +192,8 @@ class CentralDistillation:
         checkpoint_interval / resume: regular checkpoints; ``resume=True`` continues from the newest one.
         drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping. A site
             whose query budget (its policy) runs out always leaves the run; fewer than ``min_sites`` left stops it.
+        ensemble_weighting: ``"expertise"`` (each site weighted per class by its share of that class, from the cards)
+            or ``"mean"`` (every site the same: the ablation without expertise weights, and DENSE's ensemble).
         zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
@@ -224,6 +227,7 @@ class CentralDistillation:
         min_sites: int = 1,
         zeroth_order_directions: int = 0,
         zeroth_order_step: float = 0.05,
+        ensemble_weighting: str = "expertise",
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -249,6 +253,9 @@ class CentralDistillation:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
         self.boundary_fraction = float(boundary_fraction)
 
+        if ensemble_weighting not in ("expertise", "mean"):
+            raise ValueError(f"ensemble_weighting must be 'expertise' or 'mean', got {ensemble_weighting!r}")
+        self.ensemble_weighting = ensemble_weighting
         self.cards = transport.site_cards()
         self.spec = check_site_cards(self.cards)
         self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
@@ -273,6 +280,7 @@ class CentralDistillation:
         self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
         self.terms = {
             "conditional_ce": ConditionalCrossEntropyLoss(weight=self.weights["conditional_ce"]),
+            "pseudo_label": ConditionalCrossEntropyLoss(weight=self.weights["pseudo_label"]),
             "consensus": ConsensusLoss(weight=self.weights["consensus"], temperature=temperature),
             "balance": BalanceLoss(weight=self.weights["balance"], prior=self.class_prior),
             "adversarial": AdversarialLoss(weight=self.weights["adversarial"], temperature=temperature),
@@ -287,6 +295,8 @@ class CentralDistillation:
         withheld = [n for n, c in zip(self.active_sites, counts) if c is None]
         if withheld:
             logger.warning("sites %s withhold class counts: weighted equally in every class", withheld)
+        if self.ensemble_weighting == "mean":  # every site counts the same in every class (ablation, DENSE)
+            counts = [None] * len(counts)
         self.expertise = site_weights(counts, self.num_classes).to(self.device)  # (K, N), columns sum to one
         if self.task == "segmentation":
             self.class_prior = class_prior_from_counts(counts, self.num_classes).to(self.device)
@@ -398,6 +408,8 @@ class CentralDistillation:
                         "adversarial": self.terms["adversarial"](student_logits, log_probs)}
         if self.conditional:
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
+        if self.weights["pseudo_label"]:
+            server_terms["pseudo_label"] = self.terms["pseudo_label"](log_probs, log_probs.detach().argmax(1))
         total = sum(server_terms.values())
         differentiable = [n for n in names if released[n].requires_grad]
         grads = torch.autograd.grad(total, [released[n] for n in differentiable], allow_unused=True) if differentiable else []
@@ -524,6 +536,7 @@ class CentralDistillation:
                           "policy": self.policies[n].as_dict(), "privacy": privacy.get(n),
                           "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
             "zeroth_order_directions": self.zeroth_order_directions,
+            "ensemble_weighting": self.ensemble_weighting,
             "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
             "timing": dict(self.timing),
             "sample_count": sum(int(c.get("sample_count") or 0) for c in self.cards.values()),

@@ -305,10 +305,12 @@ def site_entries(sites, seed: int = 0) -> list[dict]:
     return out
 
 
-def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None = None, **common) -> list[QuerySite]:
+def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None = None, with_real_images: bool = True,
+                     **common) -> list[QuerySite]:
     """Build the in-process sites (see :func:`site_entries` for ``sites``).
 
-    ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator.
+    ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator
+    (``with_real_images=False``: no discriminator, as for a one-shot baseline that holds only uploaded weights).
     """
-    return [QuerySite(e["site_dir"], name=e["name"], real_datalist=e["datalist"], seed=e["seed"],
+    return [QuerySite(e["site_dir"], name=e["name"], real_datalist=e["datalist"] if with_real_images else None, seed=e["seed"],
                       state_dir=Path(state_root) / e["name"] if state_root else None, **common) for e in site_entries(sites, seed)]
