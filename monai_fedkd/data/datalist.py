@@ -102,7 +102,7 @@ def load_datalists(datalists: Sequence[str | os.PathLike], key: str = "test", **
     return out
 
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".mha", ".mhd", ".nrrd")
+from monai_fedkd.export.runtime import IMAGE_SUFFIXES  # noqa: E402  (one list for the library and exported bundles)
 
 
 def inference_items(input_dir: str | os.PathLike | None = None, datalist: str | os.PathLike | None = None, key: str = "test") -> list[dict]:

@@ -35,7 +35,6 @@ import torch
 
 from monai.config import KeysCollection
 from monai.data import Dataset
-from monai.engines import SupervisedEvaluator
 from monai.transforms import MapTransform
 
 __all__ = ["CheckStudyd", "StudyDataset", "StudyError", "StudyIteration", "StudyReport", "bundle_root", "find_studies", "write_dicom_seg", "EXIT_CAP"]
