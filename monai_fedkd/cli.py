@@ -149,6 +149,15 @@ def _export(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from monai_fedkd.benchmarks.suite import run_benchmark, summary
+
+    results = run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs)
+    for method, s in sorted(summary(results).items(), key=lambda kv: -kv[1]["mean"]):
+        print(f"{method:24s} {s['mean']:.4f} ± {s['sd']:.4f}")
+    return 0
+
+
 def _audit(args) -> int:
     from monai_fedkd.site.audit import policy_argument, run_audit
 
@@ -210,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="bundle version")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle_dir")
     p.set_defaults(func=_export)
+
+    from monai_fedkd.benchmarks.suite import add_bench_arguments
+
+    p = sub.add_parser("bench", help="run one benchmark end to end: every method on the same sites, splits and seeds")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("audit", help="what a site's answers leak under a policy: membership inference and input inversion")
     p.add_argument("--site", required=True, help="the site's output_dir (models/model.pt + site_card.json)")

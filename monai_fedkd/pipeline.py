@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 __all__ = ["BUNDLES_DIR", "bundle_command", "dataset_overrides", "distill_central", "run_pipeline", "train_site"]
 
@@ -93,16 +93,18 @@ def _trained_with(site_dir: Path, seed: int, max_epochs: int | None = None) -> b
     return card.get("seed") == seed and same_epochs
 
 
-def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: Mapping[str, object]) -> Path:
-    """Run the central_distillation bundle over the trained sites (query mode, in-process transport)."""
+def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: Mapping[str, object], name: str = "central",
+                    extra_configs: Sequence[str] = ()) -> Path:
+    """Run the central_distillation bundle over the trained sites (query mode, in-process transport) into
+    ``workdir/name``; ``extra_configs`` are further config files of the bundle (e.g. ``dense.json``)."""
     sites_json = workdir / "sites.json"
     # each site's own datalist stays with the site object: it feeds only that site's discriminator
     sites_json.write_text(json.dumps([{"name": Path(d).name, "dir": str(Path(d).resolve()), "datalist": str(Path(f).resolve())}
                                       for d, f in zip(site_dirs, site_files)], indent=2) + "\n")
-    central_dir = workdir / "central"
-    configs = ["train.json"] + (["segmentation.json"] if task == "segmentation" else [])
+    central_dir = workdir / name
+    configs = ["train.json"] + (["segmentation.json"] if task == "segmentation" else []) + list(extra_configs)
     cmd = bundle_command("central_distillation", configs, {"sites": str(sites_json), "output_dir": str(central_dir), **overrides})
-    _run_logged(cmd, workdir / "central_distillation.log", "central distillation")
+    _run_logged(cmd, workdir / f"{name}_distillation.log" if name != "central" else workdir / "central_distillation.log", f"{name} distillation")
     return central_dir
 
 

@@ -1,0 +1,329 @@
+"""The benchmark suite: every federated method on the same sites, splits and seeds (``monai-fedkd bench CONFIG``).
+
+For each seed the main job's sites are trained once (reused when already trained for the same split and seed), then
+every method of the config builds its model from those same sites:
+
+- ``local`` and ``ensemble`` (mean and class-count weighted): the site models themselves;
+- ``centralized``: the site bundle on the pooled training (and validation) items;
+- ``fedavg``: rounds of local epochs with weighted averaging (``monai.fl.client.MonaiAlgo``, in-process);
+- ``one_shot_fedavg``: the trained site models averaged once;
+- ``dense``: DENSE over the same sites (``central_distillation`` with ``dense.json``);
+- ``ours`` and its ablations ``ours_no_consensus``, ``ours_no_expertise``, ``ours_no_discriminators``.
+
+One evaluation scores them all on every site's test split and the pooled test set. Written to ``docs/``:
+``results/<benchmark>.json`` (one record per method x seed x test set x metric, with the config and the partition
+manifest checksums, and per method and seed: wall time, bytes and queries per site, peak memory, and for ``ours`` a
+profile of a generator step), ``results/<benchmark>_<metric>.png`` (metric by method, mean and sd over seeds) and
+``results/<benchmark>_curves.png`` (distillation loss curves), and the benchmark's table in ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
+
+__all__ = ["METHODS", "load_config", "run_benchmark", "write_markdown"]
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).with_name("configs")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+DISTILLED = {  # method -> (extra central_distillation configs, overrides)
+    "ours": ((), {}),
+    "ours_no_consensus": ((), {"weights#consensus": 0.0}),
+    "ours_no_expertise": ((), {"ensemble_weighting": "mean"}),
+    "ours_no_discriminators": ((), {"weights#realism": 0.0, "with_real_images": False}),
+    "dense": (("dense.json",), {}),
+}
+METHODS = ("local", "ensemble", "centralized", "fedavg", "one_shot_fedavg", *DISTILLED)
+REQUIRED = ("name", "dataset", "num_sites", "partition", "seeds", "methods")
+
+
+def load_config(config: str | os.PathLike) -> dict:
+    """A benchmark config: a JSON file, or the name of one in ``monai_fedkd/benchmarks/configs``."""
+    path = Path(config)
+    if not path.is_file():
+        path = CONFIGS / f"{config}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.json"))
+        raise FileNotFoundError(f"benchmark config {config} is neither a file nor one of {known}")
+    cfg = json.loads(path.read_text())
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"benchmark config {path} lacks {missing}")
+    unknown = sorted(set(cfg["methods"]) - set(METHODS))
+    if unknown:
+        raise ValueError(f"benchmark config {path}: unknown methods {unknown}; known: {list(METHODS)}")
+    cfg["_path"], cfg["_sha256"] = str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest()
+    return cfg
+
+
+def _children_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def _self_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _param_bytes(model_dir: Path) -> int:
+    import torch
+
+    state = torch.load(model_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
+    return int(sum(v.numel() * v.element_size() for v in state.values()))
+
+
+def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info: Mapping, seed: int) -> tuple[Path, dict]:
+    """Build ``method``'s model from the trained sites; returns its directory and its costs."""
+    from monai_fedkd import baselines
+
+    bundle, site_overrides = dataset_overrides(info)
+    site_overrides = {**site_overrides, **cfg.get("site_overrides", {}), "seed": seed}
+    t0 = time.perf_counter()
+    costs: dict = {}
+    if method in DISTILLED:
+        extra, overrides = DISTILLED[method]
+        out = distill_central(workdir, site_dirs, site_files, info["task"], {"seed": seed, **cfg.get("central_overrides", {}), **overrides},
+                              name=method, extra_configs=extra)
+        card = json.loads((out / "central_card.json").read_text())
+        costs["per_site"] = {n: {"bytes": s["transport"]["bytes_sent"] + s["transport"]["bytes_received"], "queries": s["transport"]["queries"],
+                                 "vjps": s["transport"]["vjps"]} for n, s in card["sites"].items()}
+        site_s = sum(s["transport"]["seconds_at_site"] for s in card["sites"].values())
+        transport_s = sum(s["transport"]["seconds_in_transport"] for s in card["sites"].values())
+        steps = max(int(card["iterations"]), 1)
+        costs["generator_step_profile_ms"] = {"at_sites": 1000 * site_s / steps, "server_cross_site_terms": 1000 * card["timing"]["server_s"] / steps,
+                                              "transport": 1000 * transport_s / steps, "student": 1000 * card["timing"]["student_s"] / steps}
+        costs["framework_overhead"] = (card["timing"]["server_s"] + transport_s) / site_s if site_s else None
+    elif method == "fedavg":
+        fed = cfg.get("fedavg", {})
+        rounds, epochs = int(fed.get("rounds", 10)), int(fed.get("local_epochs", 1))
+        out = workdir / "fedavg"
+        baselines.fedavg(workdir / "sites.json", BUNDLES_DIR / bundle, out, rounds=rounds, local_epochs=epochs,
+                         overrides={k: v for k, v in site_overrides.items() if k not in ("max_epochs", "seed")}, seed=seed)
+        size = _param_bytes(out)
+        costs["per_site"] = {Path(d).name: {"bytes": 2 * rounds * size, "queries": 0, "rounds": rounds} for d in site_dirs}
+    elif method == "one_shot_fedavg":
+        out = baselines.one_shot_fedavg(site_dirs, workdir / "one_shot_fedavg").parents[1]
+        costs["per_site"] = {Path(d).name: {"bytes": _param_bytes(Path(d)), "queries": 0} for d in site_dirs}
+    elif method == "centralized":
+        out = baselines.centralized(site_files, bundle, workdir / "centralized", overrides=site_overrides).parents[1]
+        costs["per_site"] = None  # the pooled data itself would have to move
+    else:
+        raise ValueError(f"{method} builds no model of its own")
+    costs["wall_s"] = time.perf_counter() - t0
+    # an upper bound: the largest resident set of this process and of any process it has run so far
+    costs["peak_rss_mb"] = max(_children_peak_mb(), _self_peak_mb())
+    return out, costs
+
+
+def _records(metrics: Mapping, methods: Mapping[str, str], benchmark: str, seed: int) -> list[dict]:
+    """One record per model x test set x metric; models are named by method (sites: ``local``)."""
+    out = []
+    for model, per_test in metrics.items():
+        if model == "meta":
+            continue
+        role = metrics["meta"]["models"][model]["role"]
+        method = "local" if role == "site" else methods.get(model, model)
+        for test, values in per_test.items():
+            for metric, value in values.items():
+                flat = value.items() if isinstance(value, dict) else [(None, value)]
+                for cls, v in flat:
+                    name = f"{metric}/{cls}" if cls is not None else metric
+                    if name == "n":
+                        continue
+                    out.append({"benchmark": benchmark, "method": method, "model": model, "seed": seed, "test_set": test,
+                                "metric": name, "value": None if v is None else float(v)})
+    return out
+
+
+def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.PathLike = "runs/bench", seeds=None,
+                  docs: str | os.PathLike | None = DOCS) -> dict:
+    """Run every method of ``config`` for every seed; write the JSON, plots and the markdown table under ``docs``."""
+    cfg = load_config(config)
+    name = cfg["name"]
+    results = {"benchmark": name, "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_sha256": cfg["_sha256"],
+               "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
+    results["workdir"] = str(workdir)
+    partition = dict(cfg["partition"])
+    for seed in results["seeds"]:
+        run = Path(workdir) / name / f"seed{seed}"
+        t0 = time.perf_counter()
+        run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=Path(workdir) / "data", mirror=mirror, num_sites=cfg["num_sites"],
+                     method=partition["method"], alpha=partition.get("alpha", 0.5), seed=seed, max_per_split=cfg.get("max_per_split"),
+                     site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True,
+                     partition_kwargs={k: v for k, v in partition.items() if k not in ("method", "alpha")})
+        sites_wall = time.perf_counter() - t0
+        manifest_path = run / "sites" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        info = json.loads((manifest_path.parent / manifest["source"]["dataset_info"]).read_text())
+        site_files = [run / "sites" / s["datalist"] for s in manifest["sites"]]
+        site_dirs = [run / f.stem for f in site_files]
+        (run / "sites.json").write_text(json.dumps([{"name": d.name, "dir": str(d.resolve()), "datalist": str(f.resolve())}
+                                                    for d, f in zip(site_dirs, site_files)], indent=2))
+        built, costs = {}, {}
+        for method in cfg["methods"]:
+            if method in ("local", "ensemble"):
+                continue
+            logger.info("%s seed %d: building %s", name, seed, method)
+            built[method], costs[method] = _build(method, cfg, run, site_dirs, site_files, info, seed)
+        t0 = time.perf_counter()
+        eval_dir = run / "eval_all"
+        cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
+                                                             "output_dir": str(eval_dir), "extra_models": {m: str(d) for m, d in built.items()} or None,
+                                                             "ensemble": "ensemble" in cfg["methods"]})
+        _run_logged(cmd, run / "eval_all.log", "evaluation")
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        results["records"] += _records(metrics, {m: m for m in built}, name, seed)
+        results["runs"].append({"seed": seed, "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
+                                "phases_s": {"sites": sites_wall, "evaluation": time.perf_counter() - t0,
+                                             **{m: c["wall_s"] for m, c in costs.items()}},
+                                "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
+                                "primary_metric": metrics["meta"]["primary_metric"]})
+    if docs is not None:
+        docs = Path(docs)
+        (docs / "results").mkdir(parents=True, exist_ok=True)
+        (docs / "results" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, docs / "results")
+        write_markdown(results, docs / "results.md")
+    return results
+
+
+def summary(results: Mapping) -> dict[str, dict]:
+    """Pooled primary metric per method: mean, sd and per-seed values (sites: the mean over the sites)."""
+    metric = results["runs"][0]["primary_metric"] if results["runs"] else "auroc"
+    per: dict[str, dict[int, list[float]]] = {}
+    for r in results["records"]:
+        if r["test_set"] == "pooled" and r["metric"] == metric and r["value"] is not None:
+            per.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r["value"])
+    out = {}
+    for method, seeds in per.items():
+        values = [statistics.mean(v) for _, v in sorted(seeds.items())]
+        out[method] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+    return out
+
+
+def plot(results: Mapping, folder: Path) -> list[Path]:
+    """Metric by method (mean and sd over seeds) and the distillation curves of the distilled methods, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = results["benchmark"]
+    metric = results["runs"][0]["primary_metric"] if results["runs"] else "auroc"
+    s = summary(results)
+    methods = sorted(s, key=lambda m: s[m]["mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(methods) + 1.2))
+    ax.barh(methods, [s[m]["mean"] for m in methods], xerr=[s[m]["sd"] for m in methods], color="#4c72b0", capsize=3)
+    ax.set_xlabel(f"pooled test {metric} (mean ± sd over {len(results['seeds'])} seed(s))")
+    ax.set_title(name)
+    fig.tight_layout()
+    paths = [folder / f"{name}_{metric}.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    curves = _curves(results)
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, (steps, values) in sorted(curves.items()):
+            ax.plot(steps, values, label=label, linewidth=1)
+        ax.set_xlabel("generator step")
+        ax.set_ylabel("student distillation loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{name}: distillation curves")
+        fig.tight_layout()
+        paths.append(folder / f"{name}_curves.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def _curves(results: Mapping) -> dict[str, tuple[list[int], list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    workdir = Path(results.get("workdir", "runs/bench")) / results["benchmark"]
+    for seed in results["seeds"]:
+        for method in DISTILLED:
+            tb = workdir / f"seed{seed}" / method / "tensorboard"
+            if not tb.is_dir():
+                continue
+            acc = EventAccumulator(str(tb))
+            acc.Reload()
+            if "student/distillation" in acc.Tags().get("scalars", []):
+                events = acc.Scalars("student/distillation")
+                out[f"{method} (seed {seed})"] = ([e.step for e in events], [e.value for e in events])
+    return out
+
+
+MARK_START, MARK_END = "<!-- suite:{}:start -->", "<!-- suite:{}:end -->"
+
+
+def write_markdown(results: Mapping, page: Path) -> None:
+    """The benchmark's section of ``results.md`` (between its own markers; the rest of the page is kept)."""
+    name = results["benchmark"]
+    metric = results["runs"][0]["primary_metric"] if results["runs"] else "auroc"
+    s = summary(results)
+    lines = [MARK_START.format(name), f"## Benchmark suite: {name}", "",
+             f"Pooled test {metric}, mean ± sd over seeds {results['seeds']} (`local`: the mean of the site models). Same sites, "
+             "splits and seeds for every method.", "", f"| method | {metric} | per seed |", "|---|---|---|"]
+    for m in sorted(s, key=lambda k: -s[k]["mean"]):
+        lines.append(f"| {m} | {s[m]['mean']:.4f} ± {s[m]['sd']:.4f} | {', '.join(f'{v:.4f}' for v in s[m]['per_seed'])} |")
+    lines += ["", "| method | wall (s), median over seeds | bytes per site (median) | queries per site | peak RSS (MB, upper bound) |",
+              "|---|---|---|---|---|"]
+    methods = sorted({m for r in results["runs"] for m in r["methods"]})
+    for m in methods:
+        runs = [r["methods"][m] for r in results["runs"] if m in r["methods"]]
+        per_site = [v for c in runs if c.get("per_site") for v in c["per_site"].values()]
+        b = statistics.median(v["bytes"] for v in per_site) / 1e6 if per_site else None
+        q = statistics.median(v["queries"] for v in per_site) if per_site else None
+        lines.append(f"| {m} | {statistics.median(c['wall_s'] for c in runs):.0f} | {'n/a (data pooled)' if b is None else f'{b:.2f} MB'} | "
+                     f"{'' if q is None else int(q)} | {statistics.median(c['peak_rss_mb'] for c in runs):.0f} |")
+    prof = [r["methods"]["ours"] for r in results["runs"] if "ours" in r["methods"]]
+    if prof:
+        p = prof[0]["generator_step_profile_ms"]
+        lines += ["", f"One generator step of `ours` (seed {results['runs'][0]['seed']}): at the sites {p['at_sites']:.1f} ms, server "
+                  f"cross-site terms {p['server_cross_site_terms']:.1f} ms, transport {p['transport']:.2f} ms, student {p['student']:.1f} ms; "
+                  f"framework overhead beyond site compute {100 * prof[0]['framework_overhead']:.1f} % (aim: under 25 %)."]
+    lines += ["", f"![](results/{name}_{metric}.png)", f"![](results/{name}_curves.png)", "",
+              f"Reproduce: `monai-fedkd bench {name} --mirror ../shared/data` (records: `docs/results/{name}.json`).", MARK_END.format(name)]
+    text = page.read_text() if page.is_file() else "# Results\n"
+    start, end = MARK_START.format(name), MARK_END.format(name)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + "\n".join(lines) + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    page.write_text(text)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a benchmark config JSON, or the name of one in monai_fedkd/benchmarks/configs")
+    parser.add_argument("--mirror", default=os.environ.get("DATA_MIRROR"), help="local copy of the official dataset files")
+    parser.add_argument("--workdir", default="runs/bench")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
+    parser.add_argument("--docs", default=str(DOCS), help="where results/<benchmark>.json, the plots and results.md go")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
