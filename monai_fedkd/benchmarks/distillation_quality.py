@@ -118,6 +118,10 @@ def write_markdown(results: list[dict], path: Path) -> None:
     notes = path.parent / "results" / "notes.md"  # hand-written context kept across regenerations
     if notes.is_file():
         lines += [notes.read_text()]
+    if path.is_file():  # the benchmark suite's sections (monai-fedkd bench) are kept as they are
+        import re
+
+        lines += re.findall(r"<!-- suite:[^:]+:start -->.*?<!-- suite:[^:]+:end -->", path.read_text(), flags=re.S)
     path.write_text("\n".join(lines))
 
 
