@@ -136,7 +136,9 @@ def centralized(site_datalists: Sequence[str | os.PathLike], bundle: str, output
     pooled = {"training": [], "validation": []}
     for d in site_datalists:
         for key in pooled:
-            pooled[key] += load_datalist(d, key=key, fields=None, allow_empty=key == "validation")
+            for item in load_datalist(d, key=key, fields=None, allow_empty=key == "validation"):
+                # absolute paths: the pooled datalist lives elsewhere than the sites' datalists
+                pooled[key].append({k: str(Path(v).resolve()) if k in ("image", "label") and isinstance(v, str) else v for k, v in item.items()})
     if not pooled["validation"]:
         raise ValueError("the sites hold no validation items: the centralized model needs them for model selection")
     datalist = out / "pooled_datalist.json"
@@ -145,7 +147,8 @@ def centralized(site_datalists: Sequence[str | os.PathLike], bundle: str, output
                                                 "site_name": "centralized"})
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"centralized training failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"centralized training failed (exit {proc.returncode}):\n{tail}")
     card = read_site_card(out / "site")
     state = torch.load(out / "site" / card["checkpoint"], map_location="cpu", weights_only=True)
     return write_global_model(state, card, out, "centralized", {"items": {k: len(v) for k, v in pooled.items()},
