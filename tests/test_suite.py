@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -23,7 +24,8 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
         "central_overrides": {"iterations": 2, "batch_size": 8, "student_batch_size": 8},
         "fedavg": {"rounds": 1, "local_epochs": 1}}))
     docs = tmp_path / "docs"
-    results = run_benchmark(config, mirror=SHARED_DATA, workdir=tmp_path / "runs", docs=docs)
+    # a work folder relative to the working directory, as the CLI's default runs/bench is
+    results = run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs)
     written = json.loads((docs / "results" / "tiny.json").read_text())
     assert written["config_sha256"] == load_config(config)["_sha256"] and written["runs"][0]["manifest_sha256"]
     keys = {"benchmark", "method", "model", "seed", "test_set", "metric", "value"}
