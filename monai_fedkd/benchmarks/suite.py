@@ -190,13 +190,18 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                                              **{m: c["wall_s"] for m, c in costs.items()}},
                                 "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
                                 "primary_metric": metrics["meta"]["primary_metric"]})
-    if docs is not None:
-        docs = Path(docs)
-        (docs / "results").mkdir(parents=True, exist_ok=True)
-        (docs / "results" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-        plot(results, docs / "results")
-        write_markdown(results, docs / "results.md")
+        if docs is not None:  # after every seed: a long run that stops keeps the seeds it finished
+            _write(results, Path(docs))
     return results
+
+
+def _write(results: Mapping, docs: Path) -> None:
+    (docs / "results").mkdir(parents=True, exist_ok=True)
+    tmp = docs / "results" / f".{results['benchmark']}.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, docs / "results" / f"{results['benchmark']}.json")
+    plot(results, docs / "results")
+    write_markdown(results, docs / "results.md")
 
 
 def summary(results: Mapping) -> dict[str, dict]:
