@@ -231,7 +231,7 @@ def plot(results: Mapping, folder: Path) -> list[Path]:
     methods = sorted(s, key=lambda m: s[m]["mean"])
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(methods) + 1.2))
     ax.barh(methods, [s[m]["mean"] for m in methods], xerr=[s[m]["sd"] for m in methods], color="#4c72b0", capsize=3)
-    ax.set_xlabel(f"pooled test {metric} (mean ± sd over {len(results['seeds'])} seed(s))")
+    ax.set_xlabel(f"pooled test {metric} (mean ± sd over {len(results['runs'])} seed(s))")
     ax.set_title(name)
     fig.tight_layout()
     paths = [folder / f"{name}_{metric}.png"]
@@ -281,7 +281,7 @@ def write_markdown(results: Mapping, page: Path) -> None:
     metric = results["runs"][0]["primary_metric"] if results["runs"] else "auroc"
     s = summary(results)
     lines = [MARK_START.format(name), f"## Benchmark suite: {name}", "",
-             f"Pooled test {metric}, mean ± sd over seeds {results['seeds']} (`local`: the mean of the site models). Same sites, "
+             f"Pooled test {metric}, mean ± sd over seeds {[r['seed'] for r in results['runs']]} (`local`: the mean of the site models). Same sites, "
              "splits and seeds for every method.", "", f"| method | {metric} | per seed |", "|---|---|---|"]
     for m in sorted(s, key=lambda k: -s[k]["mean"]):
         lines.append(f"| {m} | {s[m]['mean']:.4f} ± {s[m]['sd']:.4f} | {', '.join(f'{v:.4f}' for v in s[m]['per_seed'])} |")
