@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,8 +74,6 @@ def audit_cases(root: Path, mirror, seed: int, max_items: int, inversion_steps: 
     info = json.loads((datalist.parent / "dataset_info.json").read_text())
     bundle, overrides = dataset_overrides(info)
     overfit = root / "overfit_site"
-    import subprocess
-
     cmd = bundle_command(bundle, "train.json", {"datalist": str(datalist), "output_dir": str(overfit), "max_epochs": 100, "batch_size": 16,
                                                 "val_interval": 1000, "network_def#dropout": 0.0, "seed": seed, **overrides})
     subprocess.run(cmd, check=True, capture_output=True)

@@ -106,7 +106,10 @@ class AnswerPolicy:
         Per-sample clipping bounds a whole sample (one mechanism per sample); unclipped probabilities and labels are
         bounded per voxel (one mechanism per voxel).
         """
-        pre = self.pre_release(logits.detach().float())
+        return self.release(self.pre_release(logits.detach().float()), generator)
+
+    def release(self, pre: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, str, int]:
+        """:meth:`release_outputs` from the values :meth:`pre_release` already gave (detached): noise, top-k, argmax."""
         sigma = self.noise_multiplier
         per_sample, per_voxel = pre.shape[0], pre.shape[0] * int(math.prod(pre.shape[2:]))
         if self.outputs == "labels":

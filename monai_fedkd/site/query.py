@@ -208,7 +208,7 @@ class QuerySite:
             grad = self.policy.release_gradient(grad.cpu(), self._noise)
             self.ledger.record(grad.shape[0])
         pre = self.policy.pre_release(logits)  # what a VJP differentiates: the released values before noise
-        outputs, kind, mechanisms = self.policy.release_outputs(logits.cpu(), self._noise)
+        outputs, kind, mechanisms = self.policy.release(pre.detach().float().cpu(), self._noise)
         self.ledger.record(mechanisms)
         self._last = (x, pre)
         if request.update_discriminator and self.discriminator is not None:
