@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -65,12 +66,20 @@ def dataset_overrides(info: Mapping) -> tuple[str, dict]:
     return bundle, {k: v for k, v in overrides.items() if v is not None}
 
 
+CHILD_PEAKS_MB: list[tuple[str, float]] = []
+"""(what, peak resident set in MB) of every bundle process run so far; the benchmark suite reads it per method."""
+
+
 def _run_logged(cmd: list[str], log_file: Path, what: str) -> float:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage (RUSAGE_CHILDREN would be the maximum over all children so far)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - start
+    CHILD_PEAKS_MB.append((what, usage.ru_maxrss / 1024))  # ru_maxrss is in KiB on Linux
     if proc.returncode != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-15:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}); log: {log_file}\n{tail}")

@@ -270,11 +270,35 @@ def test_segmentation_site_discriminator_sees_real_patches(seg_sites):
 
 
 def test_bundle_3d_segmentation(seg_sites, tmp_path):
+    """The bundle default: the layout-conditioned generator, layouts from the sites' atlases."""
+    for site_dir, _ in seg_sites:  # the tiny test sites hold 2 training subjects; their policy lets them share an atlas of 2
+        (Path(site_dir) / "site_policy.json").write_text(json.dumps({"atlas_min_subjects": 1}))
     out = tmp_path / "central"
-    _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
-                   {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
-                    "student_batch_size": 2, "generator_def#base_channels": 8, "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}))
+    try:
+        _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
+                       {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
+                        "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
+                        "student_def#strides": [2, 2]}))
+    finally:
+        for site_dir, _ in seg_sites:
+            (Path(site_dir) / "site_policy.json").unlink()
     net, card = load_site_model(out)
     assert card["task"] == "segmentation"
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 6, 16, 16, 16)
-    assert (out / "montages" / "iter_000002.png").exists()
+    assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
+    assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg_sites)
+    assert all(a["subjects"] == 2 and a["grid"] == [8, 8, 8] for a in card["layouts"]["atlas"].values())
+
+
+def test_bundle_3d_segmentation_unconditional(seg_sites, tmp_path):
+    """Without shared atlases the layout generator refuses with the reason; the unconditional generator stays reachable."""
+    out = tmp_path / "central"
+    sites = str(_sites_json(tmp_path / "sites.json", seg_sites))
+    small = {"iterations": 2, "batch_size": 2, "student_batch_size": 2, "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}
+    refused = run_bundle("central_distillation", ["train.json", "segmentation.json"], {"sites": sites, "output_dir": str(out), **small})
+    assert refused.returncode != 0 and "shares one" in refused.stdout + refused.stderr
+    assert not (out / "models" / "model.pt").exists()
+    _ok(run_bundle("central_distillation", ["train.json", "segmentation.json", "segmentation_unconditional.json"],
+                   {"sites": sites, "output_dir": str(out), "generator_def#base_channels": 8, **small}))
+    net, card = load_site_model(out)
+    assert card["layouts"] is None and card["generator_def"]["name"].endswith("ConditionalGenerator")

@@ -75,7 +75,7 @@ def seg_central(ixi_dir, tmp_path_factory):
     sites = root / "sites.json"
     sites.write_text(json.dumps([{"name": "ixi_site", "dir": str(site), "datalist": datalist}]))
     central = root / "central"
-    ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
+    ok(run_bundle("central_distillation", ["train.json", "segmentation.json", "segmentation_unconditional.json"],
                   {"sites": str(sites), "output_dir": str(central), "iterations": 2, "batch_size": 2, "student_batch_size": 2,
                    "generator_def#base_channels": 8, "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}))
     out = export_bundle(central, root / "central_bundle", modality="MR")

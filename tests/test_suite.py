@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
-from monai_fedkd.benchmarks.suite import METHODS, load_config, run_benchmark
+from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, load_config, run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,8 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     assert costs["ours"]["per_site"] and all(v["queries"] == 2 for v in costs["ours"]["per_site"].values())
     assert costs["fedavg"]["per_site"] and all(v["bytes"] > 0 for v in costs["fedavg"]["per_site"].values())
     assert 0 <= costs["ours"]["framework_overhead"]
+    # distilled methods run in bundle processes of their own: their peak is that process's, far below the suite's own
+    assert costs["ours"]["peak_rss_kind"] == "process" and 50 < costs["ours"]["peak_rss_mb"] < 20000
     assert (docs / "results" / "tiny_auroc.png").is_file() and (docs / "results" / "tiny_curves.png").is_file()
     assert "## Benchmark suite: tiny" in (docs / "results.md").read_text()
     assert results["records"] == written["records"]
@@ -53,3 +55,19 @@ def test_config_errors_are_named(tmp_path):
     with pytest.raises(ValueError, match="fedprox"):
         load_config(bad)
     assert load_config("pneumoniamnist_a0.5")["num_sites"] == 5
+
+
+def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
+    (tmp_path / "results").mkdir()
+    def run(seed, value):
+        return {"seed": seed, "methods": {}, "primary_metric": "auroc"}, {"benchmark": "b", "method": "ours", "model": "ours", "seed": seed,
+                                                                         "test_set": "pooled", "metric": "auroc", "value": value}
+    (r0, rec0), (r1, rec1) = run(0, 0.8), run(1, 0.7)
+    published = {"benchmark": "b", "config_sha256": "abc", "seeds": [0, 1], "runs": [r0, r1], "records": [rec0, rec1]}
+    (tmp_path / "results" / "b.json").write_text(json.dumps(published))
+    kept = _earlier_seeds(tmp_path, "b", "abc", [1])
+    assert kept["seeds"] == [0] and kept["records"] == [rec0]
+    r1b, rec1b = run(1, 0.9)
+    merged = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1], "runs": [r1b], "records": [rec1b]})
+    assert merged["seeds"] == [0, 1] and [r["value"] for r in merged["records"]] == [0.8, 0.9]
+    assert _earlier_seeds(tmp_path, "b", "another config", [1]) is None  # results of another config are never mixed in

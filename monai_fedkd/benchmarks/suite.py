@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from monai_fedkd import pipeline
 from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
 
 __all__ = ["METHODS", "load_config", "run_benchmark", "write_markdown"]
@@ -69,10 +70,6 @@ def load_config(config: str | os.PathLike) -> dict:
     return cfg
 
 
-def _children_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def _self_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -92,6 +89,7 @@ def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info
     site_overrides = {**site_overrides, **cfg.get("site_overrides", {}), "seed": seed}
     t0 = time.perf_counter()
     costs: dict = {}
+    first_child = len(pipeline.CHILD_PEAKS_MB)
     if method in DISTILLED:
         extra, overrides = DISTILLED[method]
         out = distill_central(workdir, site_dirs, site_files, info["task"], {"seed": seed, **cfg.get("central_overrides", {}), **overrides},
@@ -122,8 +120,11 @@ def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info
     else:
         raise ValueError(f"{method} builds no model of its own")
     costs["wall_s"] = time.perf_counter() - t0
-    # an upper bound: the largest resident set of this process and of any process it has run so far
-    costs["peak_rss_mb"] = max(_children_peak_mb(), _self_peak_mb())
+    children = [mb for _, mb in pipeline.CHILD_PEAKS_MB[first_child:]]
+    if children:  # the method ran in bundle processes of its own: their exact peak
+        costs["peak_rss_mb"], costs["peak_rss_kind"] = max(children), "process"
+    else:  # in-process (FedAvg, one-shot): this process's peak so far, an upper bound
+        costs["peak_rss_mb"], costs["peak_rss_kind"] = _self_peak_mb(), "upper_bound"
     return out, costs
 
 
@@ -155,6 +156,7 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
     results = {"benchmark": name, "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_sha256": cfg["_sha256"],
                "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
     results["workdir"] = str(workdir)
+    kept = _earlier_seeds(Path(docs) if docs is not None else None, name, cfg["_sha256"], results["seeds"])
     partition = dict(cfg["partition"])
     for seed in results["seeds"]:
         run = Path(workdir) / name / f"seed{seed}"
@@ -191,8 +193,32 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                                 "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
                                 "primary_metric": metrics["meta"]["primary_metric"]})
         if docs is not None:  # after every seed: a long run that stops keeps the seeds it finished
-            _write(results, Path(docs))
-    return results
+            _write(_merged(kept, results), Path(docs))
+    return _merged(kept, results)
+
+
+def _earlier_seeds(docs: Path | None, name: str, sha256: str, seeds) -> dict | None:
+    """The published results of other seeds of the same config, kept when only some seeds are (re)run."""
+    path = docs / "results" / f"{name}.json" if docs is not None else None
+    if path is None or not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("config_sha256") != sha256:
+        logger.warning("%s was written by another version of the config: its seeds are not kept", path)
+        return None
+    seeds = set(seeds)
+    return {"seeds": [s for s in old["seeds"] if s not in seeds], "records": [r for r in old["records"] if r["seed"] not in seeds],
+            "runs": [r for r in old["runs"] if r["seed"] not in seeds]}
+
+
+def _merged(kept: Mapping | None, results: Mapping) -> dict:
+    if not kept or not kept["runs"]:
+        return dict(results)
+    out = dict(results)
+    out["seeds"] = sorted(set(kept["seeds"]) | set(results["seeds"]))
+    out["runs"] = sorted([*kept["runs"], *results["runs"]], key=lambda r: r["seed"])
+    out["records"] = [*kept["records"], *results["records"]]
+    return out
 
 
 def _write(results: Mapping, docs: Path) -> None:
@@ -285,7 +311,7 @@ def write_markdown(results: Mapping, page: Path) -> None:
              "splits and seeds for every method.", "", f"| method | {metric} | per seed |", "|---|---|---|"]
     for m in sorted(s, key=lambda k: -s[k]["mean"]):
         lines.append(f"| {m} | {s[m]['mean']:.4f} ± {s[m]['sd']:.4f} | {', '.join(f'{v:.4f}' for v in s[m]['per_seed'])} |")
-    lines += ["", "| method | wall (s), median over seeds | bytes per site (median) | queries per site | peak RSS (MB, upper bound) |",
+    lines += ["", "| method | wall (s), median over seeds | bytes per site (median) | queries per site | peak RSS (MB)¹ |",
               "|---|---|---|---|---|"]
     methods = sorted({m for r in results["runs"] for m in r["methods"]})
     for m in methods:
@@ -295,6 +321,8 @@ def write_markdown(results: Mapping, page: Path) -> None:
         q = statistics.median(v["queries"] for v in per_site) if per_site else None
         lines.append(f"| {m} | {statistics.median(c['wall_s'] for c in runs):.0f} | {'n/a (data pooled)' if b is None else f'{b:.2f} MB'} | "
                      f"{'' if q is None else int(q)} | {statistics.median(c['peak_rss_mb'] for c in runs):.0f} |")
+    lines += ["", "¹ The peak resident set of the method's own bundle processes; for the methods that run inside the suite's process "
+              "(FedAvg, one-shot FedAvg) that process's peak so far, an upper bound."]
     prof = [r["methods"]["ours"] for r in results["runs"] if "ours" in r["methods"]]
     if prof:
         p = prof[0]["generator_step_profile_ms"]

@@ -6,7 +6,7 @@ Modules:
   pooled class prior (:func:`class_prior_from_counts`), class-share weighted ensemble
   (:func:`ensemble_log_probabilities`, :func:`ensemble_probabilities`);
 * :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
-  :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`AdversarialLoss`;
+  :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`LayoutDiceLoss`, :class:`AdversarialLoss`;
 * :mod:`.priors` — priors on x: :class:`TotalVariationLoss`, :class:`DiversityLoss`, :class:`BatchNormStatisticsLoss`,
   :func:`bn_statistics_loss`, :func:`has_batchnorm`.
 
@@ -22,6 +22,7 @@ from .distillation import (
     ConsensusLoss,
     DistillationLoss,
     EntropyLoss,
+    LayoutDiceLoss,
     entropy,
     generalized_js_divergence,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DistillationLoss",
     "DiversityLoss",
     "EntropyLoss",
+    "LayoutDiceLoss",
     "TotalVariationLoss",
     "bn_statistics_loss",
     "class_prior_from_counts",

@@ -30,6 +30,7 @@ __all__ = [
     "EntropyLoss",
     "BalanceLoss",
     "ConditionalCrossEntropyLoss",
+    "LayoutDiceLoss",
     "AdversarialLoss",
     "generalized_js_divergence",
     "entropy",
@@ -347,6 +348,35 @@ class ConditionalCrossEntropyLoss(nn.Module):
         if target.is_floating_point():
             target = target.round()
         return self.weight * F.nll_loss(ensemble_log_probs, target.long(), reduction=self.reduction)
+
+
+class LayoutDiceLoss(nn.Module):
+    """Soft Dice of the ensemble to the layout the generator was asked to paint (layout-conditioned segmentation).
+
+    ``forward(ensemble_log_probs, layout)``: ``(B, N, *spatial)`` log-probabilities and ``(B, *spatial)`` class
+    indices; ``weight * (1 - mean Dice over the foreground classes)``, through MONAI's ``DiceLoss`` on the ensemble's
+    probabilities (per sample and class, then averaged). Cross-entropy alone (:class:`ConditionalCrossEntropyLoss`)
+    is dominated by the background when structures fill a few percent of the volume; Dice weighs every structure
+    the same. Value in ``[0, weight]``.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.weight = check_weight(weight)
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=False, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def forward(self, ensemble_log_probs: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        check_logits(ensemble_log_probs, "ensemble_log_probs")
+        if ensemble_log_probs.ndim < 3:
+            raise ValueError("LayoutDiceLoss is for segmentation: ensemble_log_probs must be (B, N, *spatial)")
+        layout = torch.as_tensor(layout, device=ensemble_log_probs.device)
+        if layout.ndim == ensemble_log_probs.ndim - 1:
+            layout = layout[:, None]
+        if tuple(layout.shape) != (ensemble_log_probs.shape[0], 1, *ensemble_log_probs.shape[2:]):
+            raise ValueError(f"layout must have shape {(ensemble_log_probs.shape[0], *ensemble_log_probs.shape[2:])}, got {tuple(layout.shape)}")
+        return self.weight * self.dice(ensemble_log_probs.exp(), layout.long())
 
 
 # ------------------------------------------------------------------------------------------------ adversarial

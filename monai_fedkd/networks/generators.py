@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["ConditionalGenerator", "EdgePadConv", "LinearUpsample", "default_num_upsamples", "seed_size"]
+__all__ = ["ConditionalGenerator", "EdgePadConv", "LayoutGenerator", "LinearUpsample", "default_num_upsamples", "seed_size"]
 
 _NORMS = ("batch", "instance", "group", "none")
 _CONDITIONS = ("label", "label_mul", "none")
@@ -77,6 +77,15 @@ def _norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
         groups = math.gcd(channels, 8)
         return nn.GroupNorm(groups, channels)
     return nn.Identity()
+
+
+@torch.no_grad()
+def _init_output_layer(weight: torch.Tensor, bias: torch.Tensor, value_range, init_mean: float) -> None:
+    low, high = value_range
+    p = (float(init_mean) - low) / (high - low)
+    p = min(max(p, 1e-3), 1.0 - 1e-3)
+    weight.sub_(weight.mean(dim=tuple(range(1, weight.ndim)), keepdim=True))
+    bias.fill_(math.log(p / (1.0 - p)))
 
 
 def _replicate_pad1(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -260,12 +269,7 @@ class ConditionalGenerator(nn.Module):
         The bias is the logit of ``init_mean``'s relative position in ``value_range``; the weights of each output
         channel are made zero-mean so that the (positive-mean) LeakyReLU features do not shift that mean.
         """
-        low, high = self.value_range
-        p = (float(init_mean) - low) / (high - low)
-        p = min(max(p, 1e-3), 1.0 - 1e-3)
-        w = self.final.weight
-        w.sub_(w.mean(dim=tuple(range(1, w.ndim)), keepdim=True))
-        self.final.bias.fill_(math.log(p / (1.0 - p)))
+        _init_output_layer(self.final.weight, self.final.bias, self.value_range, init_mean)
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         for axis, target in enumerate(self.spatial_size, start=2):
@@ -320,3 +324,92 @@ class ConditionalGenerator(nn.Module):
             labels = torch.randint(0, self.num_classes, (int(batch_size),), generator=generator, device=gen_device)
             labels = labels.to(device)
         return z.to(device), labels
+
+
+class LayoutGenerator(nn.Module):
+    """Label layout + latent code -> synthetic segmentation-site input in ``value_range`` (two-stage synthesis:
+    the server samples a layout, :class:`~monai_fedkd.server.layouts.LayoutSampler`, this network paints it).
+
+    The layout enters one-hot, with ``latent_dim`` channels holding the latent code (the same at every voxel: the
+    sample's global appearance) and ``noise_channels`` of voxel-wise Gaussian noise (texture; drawn from torch's
+    global generator, which the distillation engine seeds per step). The body is MONAI's ``BasicUNet`` with
+    non-trainable (linear) upsampling, so no transposed convolution leaves a checkerboard, and instance norm.
+
+    Args:
+        spatial_dims / out_channels / spatial_size / value_range / init_mean: as :class:`ConditionalGenerator`.
+        num_classes: classes of the layout (the segmentation classes, background included).
+        latent_dim: size of ``z``.
+        noise_channels: voxel-wise noise channels.
+        features: ``BasicUNet`` features (six numbers).
+    """
+
+    layout_conditioned = True
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        out_channels: int,
+        spatial_size: int | Sequence[int],
+        num_classes: int,
+        latent_dim: int = 8,
+        noise_channels: int = 2,
+        features: Sequence[int] = (16, 16, 32, 64, 128, 16),
+        value_range: Sequence[float] = (0.0, 1.0),
+        init_mean: float | None = None,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if int(num_classes) < 2:
+            raise ValueError(f"a layout needs at least 2 classes (background and one structure), got {num_classes}")
+        if latent_dim < 0 or noise_channels < 0 or out_channels < 1:
+            raise ValueError("latent_dim and noise_channels must be >= 0, out_channels >= 1")
+        low, high = (float(v) for v in value_range)
+        if not high > low:
+            raise ValueError(f"value_range must be [low, high] with high > low, got {list(value_range)}")
+        self.spatial_dims, self.out_channels = int(spatial_dims), int(out_channels)
+        self.spatial_size = _as_size(spatial_size, self.spatial_dims)
+        self.num_classes, self.latent_dim, self.noise_channels = int(num_classes), int(latent_dim), int(noise_channels)
+        self.value_range = (low, high)
+        self.body = BasicUNet(spatial_dims=self.spatial_dims, in_channels=self.num_classes + self.latent_dim + self.noise_channels,
+                              out_channels=self.out_channels, features=tuple(int(f) for f in features), upsample="nontrainable")
+        self.init_mean = 0.5 * (low + high) if init_mean is None else float(init_mean)
+        if not low <= self.init_mean <= high:
+            raise ValueError(f"init_mean {init_mean} is outside value_range {list(value_range)}")
+        conv = self.body.final_conv
+        _init_output_layer(conv.weight, conv.bias, self.value_range, self.init_mean)
+
+    def forward(self, z: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        """``z``: ``(B, latent_dim)``; ``layout``: ``(B, *spatial_size)`` (or ``(B, 1, *spatial_size)``) class indices."""
+        if layout is None:
+            raise ValueError("LayoutGenerator needs a label layout (B, *spatial_size)")
+        if layout.ndim == self.spatial_dims + 2 and layout.shape[1] == 1:
+            layout = layout[:, 0]
+        if layout.ndim != self.spatial_dims + 1 or list(layout.shape[1:]) != self.spatial_size:
+            raise ValueError(f"layout must have shape (B, {self.spatial_size}), got {tuple(layout.shape)}")
+        if z.ndim != 2 or z.shape != (layout.shape[0], self.latent_dim):
+            raise ValueError(f"z must have shape ({layout.shape[0]}, {self.latent_dim}), got {tuple(z.shape)}")
+        if layout.min() < 0 or layout.max() >= self.num_classes:
+            raise ValueError(f"layout values must be in [0, {self.num_classes}), got {int(layout.min())}..{int(layout.max())}")
+        onehot = nn.functional.one_hot(layout.long(), self.num_classes).movedim(-1, 1).to(z.dtype)
+        parts = [onehot]
+        if self.latent_dim:
+            parts.append(z.view(*z.shape, *[1] * self.spatial_dims).expand(-1, -1, *self.spatial_size))
+        if self.noise_channels:
+            parts.append(torch.randn(layout.shape[0], self.noise_channels, *self.spatial_size, device=z.device, dtype=z.dtype))
+        h = torch.cat(parts, dim=1)
+        # BasicUNet halves four times: pad every axis to a multiple of 16, and at least 32 so that the deepest
+        # instance norm sees more than one voxel (few-slice or small volumes), then crop back
+        padded = [max(32, -(-s // 16) * 16) for s in self.spatial_size]
+        pad = []
+        for s, t in zip(reversed(self.spatial_size), reversed(padded)):
+            pad += [(t - s) // 2, t - s - (t - s) // 2]
+        if any(pad):
+            h = nn.functional.pad(h, pad, mode="replicate")
+        out = self.body(h)
+        if any(pad):
+            out = out[(slice(None), slice(None), *[slice((t - s) // 2, (t - s) // 2 + s) for s, t in zip(self.spatial_size, padded)])]
+        low, high = self.value_range
+        return low + (high - low) * torch.sigmoid(out)

@@ -39,12 +39,14 @@ from monai_fedkd.losses import (
     ConsensusLoss,
     DistillationLoss,
     DiversityLoss,
+    LayoutDiceLoss,
     TotalVariationLoss,
     class_prior_from_counts,
     ensemble_log_probabilities,
     site_weights,
 )
 from monai_fedkd.networks import network_definition
+from monai_fedkd.server.layouts import LayoutSampler, combined_atlas
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswerError, Transport
@@ -70,6 +72,7 @@ DEFAULT_WEIGHTS = {
     "realism": 0.5,          # site-local: each site's discriminator finds the inputs real
     "bn_statistics": 0.0,    # site-local: BatchNorm statistics prior (only sites whose network has BatchNorm)
     "pseudo_label": 0.0,     # ensemble confident in its own argmax (DENSE's cross-entropy; for unconditional generators)
+    "layout_dice": 0.0,      # ensemble's soft Dice to the layout a layout-conditioned generator painted (segmentation)
 }
 SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
 
@@ -198,6 +201,10 @@ class CentralDistillation:
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
             cross-site terms through their outputs, but the generator learns only from the other sites' gradients.
+        layout_options: for a layout-conditioned generator (``generator.layout_conditioned``, segmentation), keyword
+            arguments of :class:`~monai_fedkd.server.layouts.LayoutSampler` (deformation, texture, volume jitter).
+            Its layouts come from the class atlases the sites publish in their cards; the ensemble is asked to agree
+            with them (``conditional_ce``, ``layout_dice``).
     """
 
     def __init__(
@@ -228,6 +235,7 @@ class CentralDistillation:
         zeroth_order_directions: int = 0,
         zeroth_order_step: float = 0.05,
         ensemble_weighting: str = "expertise",
+        layout_options: Mapping | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -277,6 +285,7 @@ class CentralDistillation:
         self.cache = SampleCache(cache_size)
         self.temperature = float(temperature)
         self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature)
+        self.layouts = self._layout_sampler(layout_options) if getattr(generator, "layout_conditioned", False) else None
         self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
         self.terms = {
             "conditional_ce": ConditionalCrossEntropyLoss(weight=self.weights["conditional_ce"]),
@@ -286,8 +295,25 @@ class CentralDistillation:
             "adversarial": AdversarialLoss(weight=self.weights["adversarial"], temperature=temperature),
             "tv": TotalVariationLoss(weight=self.weights["tv"]),
             "diversity": DiversityLoss(weight=self.weights["diversity"]),
+            "layout_dice": LayoutDiceLoss(weight=self.weights["layout_dice"]),
         }
         self.timing = {"server_s": 0.0, "student_s": 0.0}
+
+    def _layout_sampler(self, options: Mapping | None) -> LayoutSampler:
+        """Layouts from the atlases the sites chose to share (their policy); refuses when none does."""
+        if self.task != "segmentation":
+            raise ValueError("a layout-conditioned generator is for segmentation sites; these sites classify")
+        self.atlas_sites = sorted(n for n, c in self.cards.items() if c.get("atlas"))
+        if not self.atlas_sites:
+            raise ValueError(f"the layout-conditioned generator needs a class atlas from at least one site, and none of "
+                             f"{sorted(self.cards)} shares one (site policy share_atlas, atlas_min_subjects, or no site datalist); "
+                             "use the unconditional generator instead (central_distillation configs/segmentation_unconditional.json)")
+        size = list(self.generator.spatial_size)
+        logger.info("layouts from the atlases of sites %s (others share none: %s)", self.atlas_sites,
+                    sorted(set(self.cards) - set(self.atlas_sites)) or "-")
+        atlas = combined_atlas({n: self.cards[n]["atlas"] for n in self.atlas_sites}, self.num_classes, size)
+        self.layout_options = dict(options or {})
+        return LayoutSampler(atlas, **self.layout_options)
 
     # ---- site weights -----------------------------------------------------------------------------------------
     def _set_site_weights(self) -> None:
@@ -326,6 +352,8 @@ class CentralDistillation:
     def _sample(self, step: int):
         g = self._rng(step, 0)
         z = torch.randn(self.batch_size, self.generator.latent_dim, generator=g)
+        if self.layouts is not None:
+            return z.to(self.device), self.layouts.sample(self.batch_size, g).to(self.device)
         if not self.conditional:
             return z.to(self.device), None
         labels = torch.randint(self.num_classes, (self.batch_size,), generator=g)
@@ -390,7 +418,7 @@ class CentralDistillation:
         out: dict[str, float] = {}
         self.generator.train()
         z, labels = self._sample(step)
-        x = self.generator(z, labels) if self.conditional else self.generator(z)
+        x = self.generator(z, labels) if labels is not None else self.generator(z)
         answers = self._query(x, step)
 
         t0 = time.perf_counter()
@@ -406,8 +434,10 @@ class CentralDistillation:
             student_logits = self.student(x.detach())
         server_terms = {"consensus": self.terms["consensus"](stacked), "balance": self.terms["balance"](log_probs),
                         "adversarial": self.terms["adversarial"](student_logits, log_probs)}
-        if self.conditional:
+        if self.conditional or self.layouts is not None:
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
+        if self.layouts is not None:
+            server_terms["layout_dice"] = self.terms["layout_dice"](log_probs, labels)
         if self.weights["pseudo_label"]:
             server_terms["pseudo_label"] = self.terms["pseudo_label"](log_probs, log_probs.detach().argmax(1))
         total = sum(server_terms.values())
@@ -432,7 +462,8 @@ class CentralDistillation:
                 grad_x = grad_x + vjps[n].to(self.device)
             if answers[n].local_input_grad is not None:
                 grad_x = grad_x + answers[n].local_input_grad.to(self.device)
-        image_terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, _hard(labels))}
+        # layouts differ per sample anyway: diversity compares all pairs then
+        image_terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, None if self.layouts is not None else _hard(labels))}
         self.g_optimizer.zero_grad(set_to_none=True)
         ((x * grad_x.detach()).sum() + sum(image_terms.values())).backward()
         self.g_optimizer.step()
@@ -465,6 +496,7 @@ class CentralDistillation:
         if self.task == "segmentation":
             with torch.no_grad():
                 out["generator/foreground_fraction"] = float((probs.argmax(1) > 0).float().mean())
+        engine.state.last_layouts = labels if self.layouts is not None else None
         engine.state.last_inputs = x.detach()
         engine.state.last_probs = probs.detach()
         return out
@@ -485,6 +517,9 @@ class CentralDistillation:
         path = self.output_dir / "montages" / f"iter_{engine.state.iteration:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image, path)
+        if getattr(engine.state, "last_layouts", None) is not None:  # the layouts the generator was asked to paint
+            save_png(montage_3d(x[:4], segmentation=engine.state.last_layouts[:4].cpu(), num_classes=self.num_classes) if x.ndim == 5
+                     else montage_2d(x[:32]), path.with_name(path.stem + "_layout.png"))
         if self.writer is not None:
             self.writer.add_image("synthetic_inputs", image, engine.state.iteration, dataformats="HWC")
 
@@ -537,6 +572,9 @@ class CentralDistillation:
                           "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
             "zeroth_order_directions": self.zeroth_order_directions,
             "ensemble_weighting": self.ensemble_weighting,
+            "layouts": None if self.layouts is None else {
+                "atlas_sites": self.atlas_sites, "options": self.layout_options,
+                "atlas": {n: {k: v for k, v in self.cards[n]["atlas"].items() if k != "probabilities"} for n in self.atlas_sites}},
             "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
             "timing": dict(self.timing),
             "sample_count": sum(int(c.get("sample_count") or 0) for c in self.cards.values()),

@@ -13,7 +13,11 @@ What a policy controls:
 - ``noise_multiplier``: Gaussian noise of standard deviation ``noise_multiplier x sensitivity`` on every released
   value; for labels, on the one-hot vote before the argmax (report-noisy-max);
 - ``max_queries``: the number of queries the site answers before it refuses;
-- ``delta``: the delta at which the site reports epsilon.
+- ``delta``: the delta at which the site reports epsilon;
+- ``share_atlas`` / ``atlas_pool`` / ``atlas_min_subjects`` / ``atlas_noise`` (segmentation sites): whether the site
+  publishes a coarse class-probability atlas of its training labels in its card (the layout-conditioned generator
+  samples label layouts from it), how many voxels per axis each atlas cell pools, the fewest training subjects it
+  averages over, and the Gaussian noise (in probability units) added to each cell. See :mod:`monai_fedkd.site.atlas`.
 
 Accounting: the site's model is a deterministic function of its training data, so one training record may change an
 answer arbitrarily; only clipping bounds it. Each per-sample release (one input's output, local input-gradient or VJP)
@@ -51,6 +55,10 @@ class AnswerPolicy:
     noise_multiplier: float = 0.0
     max_queries: int | None = None
     delta: float = 1e-5
+    share_atlas: bool = True
+    atlas_pool: int = 2
+    atlas_min_subjects: int = 5
+    atlas_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUT_KINDS:
@@ -74,6 +82,9 @@ class AnswerPolicy:
             object.__setattr__(self, "return_gradients", False)
         if not 0 < self.delta < 1:
             raise PolicyError(f"policy delta must be in (0, 1), got {self.delta}")
+        if int(self.atlas_pool) < 1 or int(self.atlas_min_subjects) < 1 or self.atlas_noise < 0:
+            raise PolicyError("policy atlas_pool and atlas_min_subjects must be >= 1 and atlas_noise >= 0, got "
+                              f"{self.atlas_pool}, {self.atlas_min_subjects}, {self.atlas_noise}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "AnswerPolicy":

@@ -32,6 +32,7 @@ from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
+from monai_fedkd.site.atlas import AtlasAccumulator, publish_atlas
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.site.policy import AnswerPolicy, PrivacyLedger
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
@@ -69,6 +70,9 @@ class QuerySite:
         name: site name (default: the card's).
         real_datalist: the site's own datalist; its ``real_key`` images train the site's discriminator. Without it
             the site has no discriminator and reports no realism term.
+        atlas_datalist: the site's own datalist for its class-probability atlas (segmentation; default
+            ``real_datalist``): the ``real_key`` label maps, published in the card as the policy allows
+            (:mod:`monai_fedkd.site.atlas`). Without either datalist the site publishes no atlas.
         discriminator: keyword arguments of :class:`PatchDiscriminatorScore` (``spatial_dims``/``in_channels`` from the card).
         discriminator_lr: Adam learning rate of the discriminator.
         real_batch_size: real images per discriminator step (default: the query batch size).
@@ -86,6 +90,7 @@ class QuerySite:
         name: str | None = None,
         real_datalist: str | os.PathLike | None = None,
         real_key: str = "training",
+        atlas_datalist: str | os.PathLike | None = None,
         discriminator: Mapping | None = None,
         discriminator_lr: float = 2e-4,
         discriminator_loss_mode: str = "bce",
@@ -114,6 +119,11 @@ class QuerySite:
         self.real_batch_size = real_batch_size
         self.discriminator = None
         self.real_images: torch.Tensor | list[torch.Tensor] | None = None
+        self._atlas: AtlasAccumulator | None = None
+        atlas_datalist = atlas_datalist if atlas_datalist is not None else real_datalist
+        if self.card["task"] == "segmentation" and atlas_datalist is not None:
+            self._atlas = self._accumulate_atlas(atlas_datalist, real_key)
+            self._publish_atlas()
         if real_datalist is not None:
             self.real_images = self._load_real_images(real_datalist, real_key, max_real)
             torch.manual_seed(self.seed)  # the discriminator's initialisation belongs to the site's seed
@@ -127,6 +137,18 @@ class QuerySite:
         self.card = {**self.card, "answer_policy": policy.as_dict()}
         self.ledger = PrivacyLedger(policy)
         self._noise = torch.Generator().manual_seed(self.seed * 1_000_033 + 17)  # the site's own noise stream
+        if getattr(self, "_atlas", None) is not None:
+            self._publish_atlas()
+
+    def _publish_atlas(self) -> None:
+        """Put the atlas the policy allows (or none) in the card; its bytes count as sent once."""
+        self.card.pop("atlas", None)
+        atlas = publish_atlas(self._atlas, self.policy, self.spec.get("spacing"), torch.Generator().manual_seed(self.seed * 1_000_033 + 29))
+        if atlas is not None:
+            self.card["atlas"] = atlas
+            self.stats.bytes_sent += 4 * len(atlas["probabilities"])  # shared information: counted as sent (float32)
+            logger.info("site '%s' shares a %s class atlas of %d subjects (epsilon %s)", self.name, atlas["grid"], atlas["subjects"],
+                        atlas["epsilon"])
 
     def privacy_report(self) -> dict:
         return {**self.ledger.report(), "queries": self.stats.queries}
@@ -144,6 +166,14 @@ class QuerySite:
                           transform=Compose(xforms), progress=False)
         images = [torch.as_tensor(ds[i]["image"]).float().to(self.device) for i in range(len(ds))]
         return images if self.card["task"] == "segmentation" else torch.stack(images)
+
+    def _accumulate_atlas(self, datalist, key: str) -> AtlasAccumulator:
+        items = load_datalist(datalist, key=key, task="segmentation", num_classes=self.card["classes"]["num_classes"])
+        xforms = Compose(card_preprocessing(self.card, with_label=True))
+        acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"])
+        for item in items:
+            acc.add(xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})["label"])
+        return acc
 
     def _real_batch(self, n: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(self.real_images), (n,), generator=g).tolist()
@@ -310,7 +340,9 @@ def load_query_sites(sites, seed: int = 0, state_root: str | os.PathLike | None 
     """Build the in-process sites (see :func:`site_entries` for ``sites``).
 
     ``datalist`` is the site's own datalist; it stays at the site and feeds only its discriminator
-    (``with_real_images=False``: no discriminator, as for a one-shot baseline that holds only uploaded weights).
+    (``with_real_images=False``: no discriminator, as for a one-shot baseline that holds only uploaded weights) and,
+    for segmentation, the class atlas its policy lets it publish.
     """
-    return [QuerySite(e["site_dir"], name=e["name"], real_datalist=e["datalist"] if with_real_images else None, seed=e["seed"],
+    return [QuerySite(e["site_dir"], name=e["name"], real_datalist=e["datalist"] if with_real_images else None,
+                      atlas_datalist=e["datalist"], seed=e["seed"],
                       state_dir=Path(state_root) / e["name"] if state_root else None, **common) for e in site_entries(sites, seed)]

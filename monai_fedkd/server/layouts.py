@@ -1,0 +1,127 @@
+"""Label layouts for the layout-conditioned generator, sampled from the atlases the sites publish (server side).
+
+A layout is a label map of the network's patch size with the anatomy of the sites' training data: the sites'
+class-probability atlases (:mod:`monai_fedkd.site.atlas`) are combined, weighted by their subject counts, and
+upsampled to the patch size; each sample then
+
+1. deforms the combined atlas by a random affine map (rotation, scaling, translation) and a smooth random
+   displacement field (a coarse Gaussian grid, upsampled), both by ``grid_sample``;
+2. adds smooth random fields per class, so that no two layouts of one deformation share their boundaries;
+3. draws a volume per foreground class, its atlas volume times ``U(1 - volume_jitter, 1 + volume_jitter)``, and gives
+   that many voxels to the class where its perturbed probability is highest; smaller classes choose first, the
+   voxels no class takes are background.
+
+Class volumes therefore follow the atlas even for small structures whose atlas probability nowhere exceeds 0.5 (an
+argmax would drop them). Everything is drawn from the ``torch.Generator`` the caller passes: a seeded step repeats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai_fedkd.site.atlas import atlas_tensor
+
+__all__ = ["LayoutSampler", "combined_atlas"]
+
+
+def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_size: Sequence[int]) -> torch.Tensor:
+    """The subject-weighted mean of the sites' atlases at ``spatial_size``: ``(num_classes, *spatial_size)``."""
+    if not atlases:
+        raise ValueError("no site shares an atlas")
+    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
+    total, subjects = None, 0
+    for name, atlas in atlases.items():
+        try:
+            a = atlas_tensor(atlas, num_classes)
+        except ValueError as e:
+            raise ValueError(f"site '{name}': {e}") from None
+        if a.ndim - 1 != len(spatial_size):
+            raise ValueError(f"site '{name}' shares a {a.ndim - 1}D atlas, the sites' inputs are {len(spatial_size)}D")
+        up = F.interpolate(a[None], size=list(spatial_size), mode=mode, align_corners=False)[0]
+        n = int(atlas.get("subjects") or 1)
+        total = up * n if total is None else total + up * n
+        subjects += n
+    out = (total / subjects).clamp_min(0)
+    return out / out.sum(0, keepdim=True).clamp_min(1e-8)
+
+
+class LayoutSampler:
+    """Random label layouts ``(B, *spatial_size)`` from a combined class atlas (see the module docstring).
+
+    Args:
+        atlas: ``(num_classes, *spatial_size)`` class probabilities (:func:`combined_atlas`).
+        rotate: largest rotation per axis, degrees.
+        scale: largest relative scaling per axis (0.1: 0.9 to 1.1).
+        translate: largest shift per axis as a share of the size.
+        elastic: largest smooth displacement as a share of the size, on a grid of ``elastic_grid`` control points.
+        texture: amplitude of the smooth per-class fields added to the probabilities (0: layouts differ only by
+            deformation and volume).
+        volume_jitter: relative spread of each class's volume around its atlas volume.
+    """
+
+    def __init__(self, atlas: torch.Tensor, rotate: float = 10.0, scale: float = 0.1, translate: float = 0.05,
+                 elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2) -> None:
+        if atlas.ndim not in (3, 4):
+            raise ValueError(f"atlas must be (classes, H, W) or (classes, H, W, D), got {tuple(atlas.shape)}")
+        for name, v in (("rotate", rotate), ("scale", scale), ("translate", translate), ("elastic", elastic), ("texture", texture)):
+            if v < 0:
+                raise ValueError(f"layout {name} must be >= 0, got {v}")
+        if not 0 <= volume_jitter < 1:
+            raise ValueError(f"layout volume_jitter must be in [0, 1), got {volume_jitter}")
+        self.atlas = atlas.float()
+        self.num_classes, self.spatial_size = atlas.shape[0], list(atlas.shape[1:])
+        self.spatial_dims = len(self.spatial_size)
+        self.rotate, self.scale, self.translate = float(rotate), float(scale), float(translate)
+        self.elastic, self.elastic_grid = float(elastic), max(int(elastic_grid), 2)
+        self.texture, self.volume_jitter = float(texture), float(volume_jitter)
+        self.volumes = self.atlas.flatten(1).sum(1)  # expected voxels per class
+
+    def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
+        d = self.spatial_dims
+        u = lambda *shape: 2 * torch.rand(*shape, generator=g) - 1  # noqa: E731  U(-1, 1)
+        angles = u(n, 1 if d == 2 else 3) * math.radians(self.rotate)
+        rot = torch.eye(d).repeat(n, 1, 1)
+        axes = [(0, 1)] if d == 2 else [(1, 2), (0, 2), (0, 1)]
+        for k, (i, j) in enumerate(axes):
+            r = torch.eye(d).repeat(n, 1, 1)
+            c, s = torch.cos(angles[:, k]), torch.sin(angles[:, k])
+            r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+            rot = rot @ r
+        scale = 1 + u(n, d) * self.scale
+        shift = u(n, d) * 2 * self.translate  # grid units: the volume spans [-1, 1]
+        return torch.cat([rot * scale[:, None, :], shift[:, :, None]], dim=2)  # (n, d, d + 1)
+
+    def _smooth_field(self, n: int, channels: int, g: torch.Generator, grid: int) -> torch.Tensor:
+        coarse = torch.randn(n, channels, *[grid] * self.spatial_dims, generator=g)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return F.interpolate(coarse, size=self.spatial_size, mode=mode, align_corners=True)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` layouts ``(n, *spatial_size)`` of class indices."""
+        g, d = generator, self.spatial_dims
+        theta = self._affine(n, g)
+        grid = F.affine_grid(theta, [n, self.num_classes, *self.spatial_size], align_corners=False)
+        if self.elastic > 0:
+            disp = self._smooth_field(n, d, g, self.elastic_grid) * (2 * self.elastic)
+            grid = grid + disp.movedim(1, -1)
+        probs = F.grid_sample(self.atlas.expand(n, *self.atlas.shape), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        score = probs + self.texture * self._smooth_field(n, self.num_classes, g, max(2, min(self.spatial_size) // 6)) * probs.clamp_max(0.5)
+        volumes = self.volumes * (1 + (2 * torch.rand(n, self.num_classes, generator=g) - 1) * self.volume_jitter)
+        layout = torch.zeros(n, *self.spatial_size, dtype=torch.long)
+        flat_layout, flat_score = layout.view(n, -1), score.flatten(2)
+        for c in sorted(range(1, self.num_classes), key=lambda k: float(self.volumes[k])):  # small structures first
+            for b in range(n):
+                k = int(round(float(volumes[b, c])))
+                if k < 1:
+                    continue
+                free = flat_layout[b] == 0
+                s = torch.where(free & (flat_score[b, c] > 0), flat_score[b, c], torch.full_like(flat_score[b, c], -1.0))
+                k = min(k, int((s > 0).sum()))
+                if k:
+                    flat_layout[b, s.topk(k).indices] = c
+        return layout

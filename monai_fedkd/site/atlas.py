@@ -1,0 +1,113 @@
+"""A segmentation site's class-probability atlas: the coarse average of its training labels, shared under its policy.
+
+The layout-conditioned generator (:class:`~monai_fedkd.networks.generators.LayoutGenerator`) needs label layouts
+with the anatomy the sites know; the server samples them from the atlases the sites publish in their cards
+(:class:`~monai_fedkd.server.layouts.LayoutSampler`). The atlas is computed at the site, from its own training
+label maps, in the frame of its network's input:
+
+1. every label map after the card's preprocessing (orientation, spacing) is centre-cropped or padded to the
+   network's patch size (``spatial_size``): volume centres are the only alignment, no registration;
+2. one-hot, averaged over subjects: ``mean[c, v]`` is the share of subjects whose voxel ``v`` is class ``c``;
+3. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
+   when the policy says so, Gaussian noise of ``atlas_noise`` added per cell before the class distribution of every
+   cell is renormalised.
+
+What it reveals: the site's average anatomy at ``atlas_pool x spacing`` resolution and its class volumes. One
+subject moves each cell's class distribution by at most ``2 / n`` in L1 (``n`` subjects), so over ``G`` cells the
+replace-one L2 sensitivity is ``sqrt(2 G) / n``; with noise the release is a Gaussian mechanism whose epsilon the card
+reports. A site with fewer than ``atlas_min_subjects`` training subjects publishes none.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai_fedkd.site.policy import AnswerPolicy, gaussian_epsilon
+
+__all__ = ["AtlasAccumulator", "publish_atlas", "atlas_tensor"]
+
+logger = logging.getLogger(__name__)
+
+
+class AtlasAccumulator:
+    """Running sum of one-hot label maps in the network-input frame (``spatial_size``), one subject at a time."""
+
+    def __init__(self, num_classes: int, spatial_size: Sequence[int]) -> None:
+        self.num_classes, self.spatial_size = int(num_classes), [int(s) for s in spatial_size]
+        self.total = torch.zeros((self.num_classes, *self.spatial_size), dtype=torch.float64)
+        self.subjects = 0
+
+    def add(self, label: torch.Tensor) -> None:
+        """``label``: ``(1, *spatial)`` or ``(*spatial)`` class indices of one subject (any spatial size)."""
+        from monai.transforms import ResizeWithPadOrCrop
+
+        label = torch.as_tensor(label)
+        if label.ndim == len(self.spatial_size):
+            label = label[None]
+        if label.ndim != len(self.spatial_size) + 1 or label.shape[0] != 1:
+            raise ValueError(f"atlas: a label map of shape {tuple(label.shape)} is not (1, {len(self.spatial_size)} spatial dims)")
+        # padding is background (class 0): outside the subject's field of view nothing is known
+        label = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0)(label.float()).long()[0]
+        if label.min() < 0 or label.max() >= self.num_classes:
+            raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
+        self.total += F.one_hot(torch.as_tensor(label), self.num_classes).movedim(-1, 0).to(torch.float64)
+        self.subjects += 1
+
+    def mean(self) -> torch.Tensor:
+        if not self.subjects:
+            raise ValueError("atlas: no label maps were added")
+        return (self.total / self.subjects).float()
+
+
+def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence[float] | None,
+                  generator: torch.Generator | None = None) -> dict | None:
+    """What the site publishes in its card under ``policy`` (a JSON-able dict), or ``None`` when it publishes nothing."""
+    if not policy.share_atlas:
+        return None
+    if acc.subjects < int(policy.atlas_min_subjects):
+        logger.info("atlas not shared: %d training subjects, the policy needs at least %d", acc.subjects, policy.atlas_min_subjects)
+        return None
+    pool = int(policy.atlas_pool)
+    grid = [int(math.ceil(s / pool)) for s in acc.spatial_size]
+    mean = acc.mean()[None]
+    pool_fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
+    pooled = pool_fn(mean, grid)[0]
+    cells = math.prod(grid)
+    sensitivity = math.sqrt(2.0 * cells) / acc.subjects
+    epsilon = None
+    if policy.atlas_noise > 0:
+        pooled = pooled + torch.randn(pooled.shape, generator=generator) * float(policy.atlas_noise)
+        pooled = pooled.clamp_min(0.0)
+        pooled = pooled / pooled.sum(0, keepdim=True).clamp_min(1e-8)
+        epsilon = gaussian_epsilon(float(policy.atlas_noise) / sensitivity, 1, policy.delta)
+    return {
+        "grid": grid,
+        "pool": pool,
+        "spatial_size": list(acc.spatial_size),
+        "spacing_mm": None if spacing is None else [float(s) * pool for s in spacing],
+        "subjects": acc.subjects,
+        "noise": float(policy.atlas_noise),
+        "l2_sensitivity": sensitivity,
+        "epsilon": epsilon,
+        "delta": policy.delta,
+        "probabilities": [round(float(v), 4) for v in pooled.flatten()],  # flat, classes first, then the grid in C order
+    }
+
+
+def atlas_tensor(atlas: dict, num_classes: int) -> torch.Tensor:
+    """The ``(num_classes, *grid)`` tensor of a published atlas; raises naming what is wrong with it."""
+    try:
+        grid = [int(g) for g in atlas["grid"]]
+        values = torch.tensor(atlas["probabilities"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"atlas is malformed ({type(e).__name__}: {e}); expected 'grid' and 'probabilities'") from None
+    if values.numel() != num_classes * math.prod(grid):
+        raise ValueError(f"atlas has {values.numel()} values, expected {num_classes} classes x grid {grid}")
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError("atlas has negative or non-finite probabilities")
+    return values.reshape(num_classes, *grid)
