@@ -302,3 +302,21 @@ def test_bundle_3d_segmentation_unconditional(seg_sites, tmp_path):
                    {"sites": sites, "output_dir": str(out), "generator_def#base_channels": 8, **small}))
     net, card = load_site_model(out)
     assert card["layouts"] is None and card["generator_def"]["name"].endswith("ConditionalGenerator")
+
+
+def test_segmentation_site_publishes_the_atlas_its_policy_allows(seg_sites):
+    from monai_fedkd.site.atlas import atlas_tensor
+    from monai_fedkd.site.policy import AnswerPolicy
+
+    site_dir, datalist = seg_sites[0]
+    site = QuerySite(site_dir, atlas_datalist=datalist)
+    assert site.discriminator is None and "atlas" not in site.card  # 2 training subjects, the default policy needs 5
+    site.set_policy(AnswerPolicy(atlas_min_subjects=1, atlas_pool=4))
+    atlas = site.card["atlas"]
+    assert atlas["subjects"] == 2 and atlas["grid"] == [4, 4, 4] and site.card["answer_policy"]["atlas_pool"] == 4
+    t = atlas_tensor(atlas, site.card["classes"]["num_classes"])
+    torch.testing.assert_close(t.sum(0), torch.ones(4, 4, 4), atol=1e-3, rtol=0)
+    assert float(t[1:].sum()) > 0, "the atlas holds the site's structures"
+    assert site.stats.bytes_sent >= 4 * len(atlas["probabilities"])  # shared information is counted
+    site.set_policy(AnswerPolicy(share_atlas=False, atlas_min_subjects=1))
+    assert "atlas" not in site.card

@@ -83,7 +83,9 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
     if policy.atlas_noise > 0:
         pooled = pooled + torch.randn(pooled.shape, generator=generator) * float(policy.atlas_noise)
         pooled = pooled.clamp_min(0.0)
-        pooled = pooled / pooled.sum(0, keepdim=True).clamp_min(1e-8)
+        total = pooled.sum(0, keepdim=True)
+        # a cell the noise pushed below zero in every class says nothing: uniform
+        pooled = torch.where(total > 1e-8, pooled / total.clamp_min(1e-8), torch.full_like(pooled, 1.0 / pooled.shape[0]))
         epsilon = gaussian_epsilon(float(policy.atlas_noise) / sensitivity, 1, policy.delta)
     return {
         "grid": grid,

@@ -1,0 +1,136 @@
+"""Layout-conditioned segmentation synthesis: the site's atlas under its policy, the server's layouts, the generator."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from monai_fedkd.losses import LayoutDiceLoss
+from monai_fedkd.networks.generators import LayoutGenerator
+from monai_fedkd.server.layouts import LayoutSampler, combined_atlas
+from monai_fedkd.site.atlas import AtlasAccumulator, atlas_tensor, publish_atlas
+from monai_fedkd.site.policy import AnswerPolicy, PolicyError
+
+
+def _cube_labels(n: int, size=(12, 12, 8)) -> list[torch.Tensor]:
+    """n subjects: class 1 a box that shifts by one voxel per subject, class 2 one fixed voxel."""
+    out = []
+    for k in range(n):
+        lab = torch.zeros(1, *size, dtype=torch.long)
+        lab[0, 2 + k % 2:6 + k % 2, 3:7, 2:6] = 1
+        lab[0, 8, 8, 4] = 2
+        out.append(lab)
+    return out
+
+
+def test_atlas_is_the_subject_mean_in_the_patch_frame():
+    acc = AtlasAccumulator(3, [12, 12, 8])
+    for lab in _cube_labels(4):
+        acc.add(lab)
+    mean = acc.mean()
+    assert mean.shape == (3, 12, 12, 8)
+    torch.testing.assert_close(mean.sum(0), torch.ones(12, 12, 8))
+    assert mean[1, 3, 4, 3] == 1.0 and mean[1, 2, 4, 3] == 0.5 and mean[2, 8, 8, 4] == 1.0
+    # another size is centre-cropped / padded with background into the patch frame
+    big = torch.zeros(1, 14, 12, 10, dtype=torch.long)
+    big[0, 1 + 8, 8, 1 + 4] = 2
+    acc2 = AtlasAccumulator(3, [12, 12, 8])
+    acc2.add(big)
+    assert acc2.mean()[2, 8, 8, 4] == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        acc2.add(torch.full((1, 12, 12, 8), 3))
+
+
+def test_published_atlas_is_what_the_policy_allows():
+    acc = AtlasAccumulator(3, [12, 12, 8])
+    for lab in _cube_labels(6):
+        acc.add(lab)
+    atlas = publish_atlas(acc, AnswerPolicy(), spacing=[4.0, 4.0, 4.0])
+    assert atlas["grid"] == [6, 6, 4] and atlas["spacing_mm"] == [8.0, 8.0, 8.0] and atlas["subjects"] == 6
+    assert atlas["epsilon"] is None  # no noise: nothing bounds what it reveals
+    t = atlas_tensor(json.loads(json.dumps(atlas)), 3)  # JSON-able, as it crosses FLARE in the card
+    torch.testing.assert_close(t, torch.nn.functional.adaptive_avg_pool3d(acc.mean()[None], [6, 6, 4])[0], atol=1e-4, rtol=0)
+    coarse = publish_atlas(acc, AnswerPolicy(atlas_pool=4), spacing=[4.0, 4.0, 4.0])
+    assert coarse["grid"] == [3, 3, 2] and len(coarse["probabilities"]) == 3 * 18
+    assert publish_atlas(acc, AnswerPolicy(share_atlas=False), None) is None
+    assert publish_atlas(acc, AnswerPolicy(atlas_min_subjects=7), None) is None
+    noisy = publish_atlas(acc, AnswerPolicy(atlas_noise=0.5), None, torch.Generator().manual_seed(0))
+    t = atlas_tensor(noisy, 3)
+    assert noisy["epsilon"] is not None and noisy["epsilon"] > 0 and (t >= 0).all()
+    torch.testing.assert_close(t.sum(0), torch.ones(6, 6, 4), atol=1e-3, rtol=0)
+    assert noisy["l2_sensitivity"] == pytest.approx(math.sqrt(2 * 144) / 6)
+    with pytest.raises(PolicyError, match="atlas"):
+        AnswerPolicy(atlas_pool=0)
+    with pytest.raises(ValueError, match="expected 3 classes"):
+        atlas_tensor({**atlas, "probabilities": atlas["probabilities"][:-1]}, 3)
+
+
+def _toy_atlas(size=(24, 24, 16)) -> torch.Tensor:
+    a = torch.zeros(3, *size)
+    a[0] = 1.0
+    a[:, 6:18, 6:18, 4:12] = torch.tensor([0.2, 0.8, 0.0])[:, None, None, None]
+    a[:, 10:13, 10:13, 7:9] = torch.tensor([0.2, 0.4, 0.4])[:, None, None, None]  # never a majority: argmax would drop it
+    return a
+
+
+def test_layouts_follow_the_atlas_volumes_and_support():
+    atlas = _toy_atlas()
+    sampler = LayoutSampler(atlas, rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, volume_jitter=0.2)
+    layouts = sampler.sample(6, torch.Generator().manual_seed(0))
+    assert layouts.shape == (6, 24, 24, 16) and layouts.dtype == torch.long
+    expected = atlas.flatten(1).sum(1)
+    for c in (1, 2):
+        counts = (layouts == c).flatten(1).sum(1).float()
+        assert ((counts >= 0.8 * expected[c] - 1) & (counts <= 1.2 * expected[c] + 1)).all(), (c, counts, expected[c])
+        assert ((atlas[c][None] > 0) | (layouts != c)).all(), "without deformation a class stays where its atlas is"
+    assert not torch.equal(layouts[0], layouts[1])
+    assert torch.equal(layouts, sampler.sample(6, torch.Generator().manual_seed(0)))
+    moved = LayoutSampler(atlas, rotate=15.0, translate=0.1, elastic=0.05).sample(4, torch.Generator().manual_seed(1))
+    assert moved.shape == (4, 24, 24, 16) and ((moved == 2).flatten(1).sum(1) > 0).all()
+
+
+def test_combined_atlas_weights_sites_by_subjects():
+    a, b = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    a[0], b[1] = 1.0, 1.0
+    pub = lambda t, n: {"grid": [4, 4], "subjects": n, "probabilities": t.flatten().tolist()}  # noqa: E731
+    comb = combined_atlas({"s1": pub(a, 3), "s2": pub(b, 1)}, 2, [8, 8])
+    assert comb.shape == (2, 8, 8)
+    torch.testing.assert_close(comb[1], torch.full((8, 8), 0.25))
+    with pytest.raises(ValueError, match="site 's2'"):
+        combined_atlas({"s1": pub(a, 3), "s2": {"grid": [4, 4], "probabilities": [0.5]}}, 2, [8, 8])
+    with pytest.raises(ValueError, match="no site"):
+        combined_atlas({}, 2, [8, 8])
+
+
+def test_layout_generator_paints_the_layout_it_is_given():
+    torch.manual_seed(0)
+    gen = LayoutGenerator(3, 1, [20, 16, 6], num_classes=3, features=(4, 4, 8, 8, 8, 4), value_range=(0.0, 1.0), init_mean=0.3)
+    layouts = torch.zeros(2, 20, 16, 6, dtype=torch.long)
+    layouts[1, 5:15, 4:12, 1:5] = 1
+    z = torch.randn(2, 8)
+    torch.manual_seed(1)
+    x = gen(z, layouts)
+    assert x.shape == (2, 1, 20, 16, 6) and 0.0 <= float(x.detach().min()) and float(x.detach().max()) <= 1.0
+    assert abs(float(x.detach().mean()) - 0.3) < 0.1  # starts near the sites' mean intensity
+    torch.manual_seed(1)
+    same_noise = gen(z, torch.zeros_like(layouts))
+    # the layout is an input: where it differs, the output differs; with the same noise and layout, it does not
+    assert not torch.allclose(same_noise[1], x[1]) and torch.allclose(same_noise[0], x[0])
+    x.mean().backward()
+    assert all(p.grad is not None for p in gen.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        gen(z, layouts[:, :10])
+    with pytest.raises(ValueError, match="layout values"):
+        gen(z, layouts + 5)
+
+
+def test_layout_dice_is_zero_when_the_ensemble_paints_the_layout():
+    layout = torch.zeros(2, 8, 8, 4, dtype=torch.long)
+    layout[:, 2:6, 2:6, 1:3] = 1
+    perfect = torch.log(torch.nn.functional.one_hot(layout, 2).movedim(-1, 1).float().clamp(1e-6, 1))
+    assert float(LayoutDiceLoss(weight=1.0)(perfect, layout)) < 1e-3
+    wrong = torch.log(torch.nn.functional.one_hot(1 - layout, 2).movedim(-1, 1).float().clamp(1e-6, 1))
+    assert float(LayoutDiceLoss(weight=2.0)(wrong, layout)) > 1.9
