@@ -134,3 +134,17 @@ def test_layout_dice_is_zero_when_the_ensemble_paints_the_layout():
     assert float(LayoutDiceLoss(weight=1.0)(perfect, layout)) < 1e-3
     wrong = torch.log(torch.nn.functional.one_hot(1 - layout, 2).movedim(-1, 1).float().clamp(1e-6, 1))
     assert float(LayoutDiceLoss(weight=2.0)(wrong, layout)) > 1.9
+
+
+def test_layout_crops_keep_the_anatomy_at_its_scale():
+    atlas = _toy_atlas()
+    full = LayoutSampler(atlas, rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, texture=0.0, volume_jitter=0.0)
+    cropped = LayoutSampler(atlas, rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, texture=0.0, volume_jitter=0.0, crop_size=[16, 16, 8])
+    whole, crops = full.sample(8, torch.Generator().manual_seed(0)), cropped.sample(8, torch.Generator().manual_seed(0))
+    assert crops.shape == (8, 16, 16, 8)
+    # every crop is a window of the full layout (nothing rescaled)
+    for c in crops:
+        windows = whole[0].unfold(0, 16, 1).unfold(1, 16, 1).unfold(2, 8, 1)
+        assert (windows == c).flatten(3).all(-1).any()
+    with pytest.raises(ValueError, match="crop_size"):
+        LayoutSampler(atlas, crop_size=[32, 16, 8])

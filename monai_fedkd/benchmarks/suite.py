@@ -34,7 +34,7 @@ from typing import Mapping
 from monai_fedkd import pipeline
 from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
 
-__all__ = ["METHODS", "load_config", "run_benchmark", "write_markdown"]
+__all__ = ["METHODS", "load_config", "prepare_sites", "run_benchmark", "write_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,25 @@ def _records(metrics: Mapping, methods: Mapping[str, str], benchmark: str, seed:
     return out
 
 
+def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, list[Path], list[Path], dict]:
+    """Train (or reuse, when trained for the same split and seed) the benchmark's sites for ``seed``; returns the run
+    folder, the site model folders, their datalists and the dataset info. Writes ``<run>/sites.json``."""
+    partition = dict(cfg["partition"])
+    run = Path(workdir) / cfg["name"] / f"seed{seed}"
+    run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=Path(workdir) / "data", mirror=mirror, num_sites=cfg["num_sites"],
+                 method=partition["method"], alpha=partition.get("alpha", 0.5), seed=seed, max_per_split=cfg.get("max_per_split"),
+                 site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True,
+                 partition_kwargs={k: v for k, v in partition.items() if k not in ("method", "alpha")})
+    manifest_path = run / "sites" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    info = json.loads((manifest_path.parent / manifest["source"]["dataset_info"]).read_text())
+    site_files = [run / "sites" / s["datalist"] for s in manifest["sites"]]
+    site_dirs = [run / f.stem for f in site_files]
+    (run / "sites.json").write_text(json.dumps([{"name": d.name, "dir": str(d.resolve()), "datalist": str(f.resolve())}
+                                                for d, f in zip(site_dirs, site_files)], indent=2))
+    return run, site_dirs, site_files, info
+
+
 def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.PathLike = "runs/bench", seeds=None,
                   docs: str | os.PathLike | None = DOCS) -> dict:
     """Run every method of ``config`` for every seed; write the JSON, plots and the markdown table under ``docs``."""
@@ -157,22 +176,11 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
     results["workdir"] = str(workdir)
     kept = _earlier_seeds(Path(docs) if docs is not None else None, name, cfg["_sha256"], results["seeds"])
-    partition = dict(cfg["partition"])
     for seed in results["seeds"]:
-        run = Path(workdir) / name / f"seed{seed}"
         t0 = time.perf_counter()
-        run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=Path(workdir) / "data", mirror=mirror, num_sites=cfg["num_sites"],
-                     method=partition["method"], alpha=partition.get("alpha", 0.5), seed=seed, max_per_split=cfg.get("max_per_split"),
-                     site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True,
-                     partition_kwargs={k: v for k, v in partition.items() if k not in ("method", "alpha")})
+        run, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         sites_wall = time.perf_counter() - t0
         manifest_path = run / "sites" / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        info = json.loads((manifest_path.parent / manifest["source"]["dataset_info"]).read_text())
-        site_files = [run / "sites" / s["datalist"] for s in manifest["sites"]]
-        site_dirs = [run / f.stem for f in site_files]
-        (run / "sites.json").write_text(json.dumps([{"name": d.name, "dir": str(d.resolve()), "datalist": str(f.resolve())}
-                                                    for d, f in zip(site_dirs, site_files)], indent=2))
         built, costs = {}, {}
         for method in cfg["methods"]:
             if method in ("local", "ensemble"):

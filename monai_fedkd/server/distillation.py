@@ -205,6 +205,9 @@ class CentralDistillation:
             arguments of :class:`~monai_fedkd.server.layouts.LayoutSampler` (deformation, texture, volume jitter).
             Its layouts come from the class atlases the sites publish in their cards; the ensemble is asked to agree
             with them (``conditional_ce``, ``layout_dice``).
+        max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
+            as after ``iterations`` (the card records the steps done). ``None``: no budget. A resumed run counts
+            from its restart.
     """
 
     def __init__(
@@ -236,6 +239,7 @@ class CentralDistillation:
         zeroth_order_step: float = 0.05,
         ensemble_weighting: str = "expertise",
         layout_options: Mapping | None = None,
+        max_seconds: float | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -257,6 +261,10 @@ class CentralDistillation:
         self.checkpoint_interval, self.montage_interval = int(checkpoint_interval), int(montage_interval)
         self.drop_failed_sites, self.min_sites = drop_failed_sites, int(min_sites)
         self.selection = selection
+        if max_seconds is not None and not float(max_seconds) > 0:
+            raise ValueError(f"max_seconds must be positive or None, got {max_seconds}")
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
+        self.stopped_by_budget = False
         if not 0.0 <= float(boundary_fraction) <= 1.0:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
         self.boundary_fraction = float(boundary_fraction)
@@ -308,12 +316,16 @@ class CentralDistillation:
             raise ValueError(f"the layout-conditioned generator needs a class atlas from at least one site, and none of "
                              f"{sorted(self.cards)} shares one (site policy share_atlas, atlas_min_subjects, or no site datalist); "
                              "use the unconditional generator instead (central_distillation configs/segmentation_unconditional.json)")
-        size = list(self.generator.spatial_size)
+        # the atlas lives in the sites' patch frame; a generator of smaller patches paints random crops of it
+        frame = list(self.cards[self.atlas_sites[0]]["atlas"].get("spatial_size") or self.spec["spatial_size"])
         logger.info("layouts from the atlases of sites %s (others share none: %s)", self.atlas_sites,
                     sorted(set(self.cards) - set(self.atlas_sites)) or "-")
-        atlas = combined_atlas({n: self.cards[n]["atlas"] for n in self.atlas_sites}, self.num_classes, size)
+        atlas = combined_atlas({n: self.cards[n]["atlas"] for n in self.atlas_sites}, self.num_classes, frame)
         self.layout_options = dict(options or {})
-        return LayoutSampler(atlas, **self.layout_options)
+        crop = [min(int(c), int(f)) for c, f in zip(self.generator.spatial_size, frame)]
+        if crop != [int(c) for c in self.generator.spatial_size]:
+            raise ValueError(f"the generator's patch {list(self.generator.spatial_size)} is larger than the sites' patch frame {frame}")
+        return LayoutSampler(atlas, crop_size=crop, **self.layout_options)
 
     # ---- site weights -----------------------------------------------------------------------------------------
     def _set_site_weights(self) -> None:
@@ -496,6 +508,12 @@ class CentralDistillation:
         if self.task == "segmentation":
             with torch.no_grad():
                 out["generator/foreground_fraction"] = float((probs.argmax(1) > 0).float().mean())
+                if self.layouts is not None:  # hard Dice of the ensemble's labels to the layouts, whatever the weights
+                    from monai.metrics import compute_dice
+
+                    pred = F.one_hot(probs.argmax(1), self.num_classes).movedim(-1, 1)
+                    ref = F.one_hot(labels.long(), self.num_classes).movedim(-1, 1)
+                    out["generator/layout_agreement"] = float(compute_dice(pred, ref, include_background=False, ignore_empty=True).nanmean())
         engine.state.last_layouts = labels if self.layouts is not None else None
         engine.state.last_inputs = x.detach()
         engine.state.last_probs = probs.detach()
@@ -563,6 +581,8 @@ class CentralDistillation:
             "selection": self.selection,
             "seed": self.seed,
             "iterations": int(engine.state.iteration),
+            "max_seconds": self.max_seconds,
+            "stopped_by_budget": self.stopped_by_budget,
             "batch_size": self.batch_size,
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
@@ -625,6 +645,16 @@ class CentralDistillation:
         except ImportError:  # tensorboard is optional for library users
             logger.warning("tensorboard is not installed: no scalars/images written")
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_scalars)
+        if self.max_seconds is not None:
+            started = time.perf_counter()
+
+            def over_budget(e):
+                if time.perf_counter() - started > self.max_seconds and e.state.iteration < self.iterations:
+                    logger.info("wall-time budget of %.0f s spent after %d of %d steps: stopping", self.max_seconds, e.state.iteration, self.iterations)
+                    self.stopped_by_budget = True
+                    e.terminate()
+
+            engine.add_event_handler(Events.ITERATION_COMPLETED, over_budget)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.montage_interval), self._write_montage)
         engine.add_event_handler(Events.COMPLETED, self._write_montage)
         engine.add_event_handler(Events.COMPLETED, self._finish)

@@ -61,10 +61,13 @@ class LayoutSampler:
         texture: amplitude of the smooth per-class fields added to the probabilities (0: layouts differ only by
             deformation and volume).
         volume_jitter: relative spread of each class's volume around its atlas volume.
+        crop_size: when the generator synthesizes patches smaller than the sites' patch frame, each layout is a
+            random crop of this size out of a layout of the atlas's size (the anatomy keeps its scale).
     """
 
     def __init__(self, atlas: torch.Tensor, rotate: float = 10.0, scale: float = 0.1, translate: float = 0.05,
-                 elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2) -> None:
+                 elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2,
+                 crop_size: Sequence[int] | None = None) -> None:
         if atlas.ndim not in (3, 4):
             raise ValueError(f"atlas must be (classes, H, W) or (classes, H, W, D), got {tuple(atlas.shape)}")
         for name, v in (("rotate", rotate), ("scale", scale), ("translate", translate), ("elastic", elastic), ("texture", texture)):
@@ -79,6 +82,9 @@ class LayoutSampler:
         self.elastic, self.elastic_grid = float(elastic), max(int(elastic_grid), 2)
         self.texture, self.volume_jitter = float(texture), float(volume_jitter)
         self.volumes = self.atlas.flatten(1).sum(1)  # expected voxels per class
+        self.crop_size = list(self.spatial_size) if crop_size is None else [int(c) for c in crop_size]
+        if len(self.crop_size) != self.spatial_dims or any(not 0 < c <= s for c, s in zip(self.crop_size, self.spatial_size)):
+            raise ValueError(f"layout crop_size {self.crop_size} must have {self.spatial_dims} sides within the atlas size {self.spatial_size}")
 
     def _affine(self, n: int, g: torch.Generator) -> torch.Tensor:
         d = self.spatial_dims
@@ -102,7 +108,7 @@ class LayoutSampler:
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` layouts ``(n, *spatial_size)`` of class indices."""
+        """``n`` layouts ``(n, *crop_size)`` of class indices (``crop_size`` defaults to the atlas size)."""
         g, d = generator, self.spatial_dims
         theta = self._affine(n, g)
         grid = F.affine_grid(theta, [n, self.num_classes, *self.spatial_size], align_corners=False)
@@ -124,4 +130,10 @@ class LayoutSampler:
                 k = min(k, int((s > 0).sum()))
                 if k:
                     flat_layout[b, s.topk(k).indices] = c
-        return layout
+        if self.crop_size == self.spatial_size:
+            return layout
+        crops = []
+        for b in range(n):
+            starts = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
+            crops.append(layout[(b, *[slice(a, a + c) for a, c in zip(starts, self.crop_size)])])
+        return torch.stack(crops)

@@ -175,12 +175,12 @@ class QuerySite:
             acc.add(xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})["label"])
         return acc
 
-    def _real_batch(self, n: int, g: torch.Generator) -> torch.Tensor:
+    def _real_batch(self, n: int, g: torch.Generator, size=None) -> torch.Tensor:
         idx = torch.randint(len(self.real_images), (n,), generator=g).tolist()
         if self.card["task"] != "segmentation":
             return self.real_images[idx]
-        # the server synthesizes patches of the site's training patch size: the discriminator sees real patches
-        size = self.spec["spatial_size"]
+        # the discriminator sees real patches of the synthetic patches' size (default: the site's training patch size)
+        size = list(self.spec["spatial_size"] if size is None else size)
         patches = []
         for i in idx:
             vol = self.real_images[i]
@@ -250,7 +250,7 @@ class QuerySite:
 
     def _update_discriminator(self, fake: torch.Tensor, step: int) -> float:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        real = self._real_batch(self.real_batch_size or fake.shape[0], g)
+        real = self._real_batch(self.real_batch_size or fake.shape[0], g, size=fake.shape[2:] if self.card["task"] == "segmentation" else None)
         self.discriminator.train()
         self.d_optimizer.zero_grad(set_to_none=True)
         loss = discriminator_loss(self.discriminator(real), self.discriminator(fake), mode=self.d_mode)

@@ -1,0 +1,226 @@
+"""Which generator closes the data-free gap on 3D segmentation: every variant on the same sites, split and time budget.
+
+``python -m monai_fedkd.benchmarks.segmentation_generators [BENCHMARK] --mirror ../shared/data --seconds 600``
+
+For each seed the benchmark's sites (``monai-fedkd bench`` config, default ``ixi_acquisition``) are trained or
+reused, then every generator variant distils a central model through the ``central_distillation`` bundle under the
+same wall-time budget (``max_seconds``), and one evaluation scores them, the site ensembles and the site models on
+every site's test split. Beside them, the real-input upper bound: the same student, cache and loss, trained on the
+sites' *real* training patches labelled by the site ensemble (not data-free; it separates the generator's gap from
+the distillation's). Written: ``docs/results/segmentation_generators_<benchmark>.json`` (Dice per class and mean,
+steps, wall time, final layout agreement and foreground share of every variant and seed),
+``docs/results/segmentation_generators/<variant>_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
+layout variants also the layouts) and a section of ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites
+from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, distill_central
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = {  # name -> (extra central_distillation configs, overrides)
+    "unconditional": (("segmentation_unconditional.json",), {}),
+    "layout": ((), {}),
+    "layout_ce_only": ((), {"weights#layout_dice": 0.0}),
+    "layout_no_discriminators": ((), {"weights#realism": 0.0, "with_real_images": False}),
+    "layout_rigid": ((), {"layout_options": {"rotate": 0.0, "scale": 0.0, "translate": 0.0, "elastic": 0.0, "texture": 0.0}}),
+}
+UPPER_BOUND = "real_inputs"
+
+
+def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, seconds: float, seed: int) -> Path:
+    """The bundle's student, cache and distillation loss on the sites' real training patches labelled by the
+    site ensemble, for ``seconds``; the card is ``reference``'s (a data-free run of the same bundle), marked."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    from monai_fedkd.losses import DistillationLoss, ensemble_log_probabilities, site_weights
+    from monai_fedkd.server.distillation import SampleCache, _EMA
+    from monai_fedkd.transport import QueryRequest
+
+    set_determinism(seed)
+    root = BUNDLES_DIR / "central_distillation" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
+    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed})
+    cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay")}
+    transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
+    sites = parser.get_parsed_content("query_sites")
+    cards = transport.site_cards()
+    names = sorted(cards)
+    num_classes = cards[names[0]]["classes"]["num_classes"]
+    expertise = site_weights([cards[n].get("class_counts") for n in names], num_classes)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg["student_lr"])
+    ema, cache, loss_fn = _EMA(student, cfg["ema_decay"]), SampleCache(cfg["cache_size"]), DistillationLoss(weight=1.0)
+    g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        site = sites[step % len(sites)]
+        x = site._real_batch(cfg["batch_size"], g)  # in-process diagnostic: the site's own real patches
+        answers = transport.query(QueryRequest(x, step, {}, want_input_grad=False, update_discriminator=False), sites=names)
+        log_probs = ensemble_log_probabilities(torch.stack([answers[n].outputs.float() for n in names]), expertise)
+        cache.push(x, log_probs.exp())
+        student.train()
+        for _ in range(cfg["student_steps"]):
+            xb, pb = cache.sample(cfg["student_batch_size"], g)
+            loss = loss_fn(student(xb), pb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update(student)
+        step += 1
+    (output_dir / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(ema.state_dict(), output_dir / "models" / "model.pt")
+    card = json.loads((reference / "central_card.json").read_text())
+    card.update({"iterations": step, "upper_bound": "student distilled on the sites' real training patches (not data-free)",
+                 "generator_def": None, "layouts": None})
+    (output_dir / "central_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return output_dir
+
+
+def _scalars(run_dir: Path, tags) -> dict:
+    """Mean of the last 20 values of each TensorBoard scalar in ``tags`` (absent tags are left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = run_dir / "tensorboard"
+    if not tb.is_dir():
+        return {}
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: statistics.mean(e.value for e in acc.Scalars(t)[-20:]) for t in tags if t in have}
+
+
+def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", seeds=None, seconds: float = 600.0, variants=None,
+        docs: Path | None = DOCS) -> dict:
+    cfg = load_config(benchmark)
+    variants = list(variants or VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS) - {UPPER_BOUND})
+    if unknown:
+        raise ValueError(f"unknown generator variants {unknown}; known: {[*VARIANTS, UPPER_BOUND]}")
+    out_json = None if docs is None else Path(docs) / "results" / f"segmentation_generators_{cfg['name']}.json"
+    results = {"benchmark": cfg["name"], "seconds_per_variant": seconds, "variants": {v: {"configs": list(VARIANTS[v][0]), "overrides": VARIANTS[v][1]}
+                                                                                        for v in variants if v in VARIANTS}, "runs": []}
+    if out_json is not None and out_json.is_file():  # seeds / variants run before with the same budget are kept
+        old = json.loads(out_json.read_text())
+        if old.get("seconds_per_variant") == seconds:
+            results["runs"] = [r for r in old["runs"] if not (r["seed"] in (seeds or cfg["seeds"]) and r["variant"] in variants)]
+    for seed in seeds or cfg["seeds"]:
+        run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
+        if info["task"] != "segmentation":
+            raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
+        built = {}
+        for v in variants:
+            name = f"generator_{v}"
+            t0 = time.perf_counter()
+            if v == UPPER_BOUND:
+                reference = run_dir / "generator_layout"
+                if not (reference / "central_card.json").is_file():
+                    raise ValueError(f"{UPPER_BOUND} takes its card from the 'layout' variant: run that first")
+                built[v] = real_input_upper_bound(run_dir / "sites.json", reference, run_dir / name, seconds, seed)
+            else:
+                extra, overrides = VARIANTS[v]
+                built[v] = distill_central(run_dir, site_dirs, site_files, "segmentation",
+                                           {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
+                                            "montage_interval": 1_000_000, **overrides}, name=name, extra_configs=extra)
+            card = json.loads((built[v] / "central_card.json").read_text())
+            built[v] = (built[v], time.perf_counter() - t0, card)
+        eval_dir = run_dir / "eval_generators"
+        cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
+                                                             "output_dir": str(eval_dir), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
+                                                             "ensemble": True})
+        _run_logged(cmd, run_dir / "eval_generators.log", "evaluation")
+        metrics = json.loads((eval_dir / "metrics.json").read_text())
+        sites = [m for m, meta in metrics["meta"]["models"].items() if meta["role"] == "site"]
+        reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
+                     "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
+        for v, (d, wall, card) in built.items():
+            record = {"seed": seed, "variant": v, "pooled": metrics[v]["pooled"], "steps": card["iterations"], "wall_s": wall,
+                      "reference": reference, **_scalars(d, ["generator/layout_agreement", "generator/foreground_fraction", "student/distillation"])}
+            results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r["variant"] == v)] + [record]
+            montages = sorted((d / "montages").glob("iter_*.png"))
+            if docs is not None and montages:
+                folder = Path(docs) / "results" / "segmentation_generators"
+                folder.mkdir(parents=True, exist_ok=True)
+                last = [m for m in montages if not m.stem.endswith("_layout")][-1]
+                shutil.copyfile(last, folder / f"{v}_seed{seed}.png")
+                layout = last.with_name(last.stem + "_layout.png")
+                if layout.is_file():
+                    shutil.copyfile(layout, folder / f"{v}_seed{seed}_layout.png")
+        if out_json is not None:
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(results, indent=2) + "\n")
+            write_markdown(results, Path(docs) / "results.md")
+    return results
+
+
+MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
+
+
+def write_markdown(results: dict, page: Path) -> None:
+    name = results["benchmark"]
+    by_variant: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        by_variant.setdefault(r["variant"], []).append(r)
+    classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
+    ref = results["runs"][0]["reference"] if results["runs"] else None
+    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
+             f"Pooled test Dice of the central model per generator variant, {results['seconds_per_variant']:.0f} s of distillation each "
+             "(mean over seeds; per-class Dice of the foreground classes). Same sites, split and budget for every variant.", "",
+             "| variant | seeds | mean Dice | " + " | ".join(classes) + " | steps | layout Dice (ensemble vs layout) | foreground share |",
+             "|---|---|---|" + "---|" * len(classes) + "---|---|---|"]
+    mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
+    for v, rs in sorted(by_variant.items(), key=lambda kv: -mean([r["pooled"]["mean_dice"] or 0 for r in kv[1]])):
+        per_class = [mean([r["pooled"]["dice"].get(c) for r in rs if r["pooled"]["dice"].get(c) is not None]) for c in classes]
+        ld = [r["generator/layout_agreement"] for r in rs if "generator/layout_agreement" in r]
+        fg = [r["generator/foreground_fraction"] for r in rs if "generator/foreground_fraction" in r]
+        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
+                     + " | ".join(f"{x:.3f}" for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
+                     + (f"{mean(ld):.3f}" if ld else "–") + " | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
+    if ref:
+        lines += ["", f"References (seed {results['runs'][0]['seed']}): weighted ensemble {ref['ensemble_weighted']['mean_dice']:.3f}, "
+                  f"mean ensemble {ref['ensemble_mean']['mean_dice']:.3f}, mean local model {ref['mean_local']['mean_dice']:.3f}. "
+                  "Target: central ≥ 0.9 × ensemble and ≥ mean local."]
+    lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
+              "`docs/results/segmentation_generators/`.", "",
+              f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
+              f"--seconds {results['seconds_per_variant']:.0f}` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
+    text = page.read_text() if page.is_file() else "# Results\n"
+    start, end = MARK_START.format(name), MARK_END.format(name)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + "\n".join(lines) + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    page.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", nargs="?", default="ixi_acquisition")
+    parser.add_argument("--mirror", default=None)
+    parser.add_argument("--workdir", default="runs/bench")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--seconds", type=float, default=600.0, help="distillation wall-time budget per variant")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {UPPER_BOUND}")
+    parser.add_argument("--docs", default=str(DOCS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
