@@ -49,6 +49,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
 
     from monai_fedkd.losses import DistillationLoss, ensemble_log_probabilities, site_weights
     from monai_fedkd.server.distillation import SampleCache, _EMA
+    from monai_fedkd.site.policy import released_log_probabilities
     from monai_fedkd.transport import QueryRequest
 
     set_determinism(seed)
@@ -58,7 +59,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed})
     cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
-    sites = parser.get_parsed_content("query_sites")
+    sites, size = parser.get_parsed_content("query_sites"), parser.get_parsed_content("synthesis_size")
     cards = transport.site_cards()
     names = sorted(cards)
     num_classes = cards[names[0]]["classes"]["num_classes"]
@@ -68,9 +69,10 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         site = sites[step % len(sites)]
-        x = site._real_batch(cfg["batch_size"], g)  # in-process diagnostic: the site's own real patches
+        x = site._real_batch(cfg["batch_size"], g, size=size)  # in-process diagnostic: the site's own real patches, generator-sized
         answers = transport.query(QueryRequest(x, step, {}, want_input_grad=False, update_discriminator=False), sites=names)
-        log_probs = ensemble_log_probabilities(torch.stack([answers[n].outputs.float() for n in names]), expertise)
+        stacked = torch.stack([released_log_probabilities(answers[n].outputs.float(), answers[n].kind, num_classes) for n in names])
+        log_probs = ensemble_log_probabilities(stacked, expertise)
         cache.push(x, log_probs.exp())
         student.train()
         for _ in range(cfg["student_steps"]):
