@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites
+from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, write_section
 from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, distill_central
 
 logger = logging.getLogger(__name__)
@@ -199,14 +199,7 @@ def write_markdown(results: dict, page: Path) -> None:
               "`docs/results/segmentation_generators/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
               f"--seconds {results['seconds_per_variant']:.0f}` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
-    text = page.read_text() if page.is_file() else "# Results\n"
-    start, end = MARK_START.format(name), MARK_END.format(name)
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + "\n".join(lines) + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    page.write_text(text)
+    write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
 
 
 def main(argv=None) -> int:

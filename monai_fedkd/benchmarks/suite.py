@@ -339,8 +339,13 @@ def write_markdown(results: Mapping, page: Path) -> None:
                   f"framework overhead beyond site compute {100 * prof[0]['framework_overhead']:.1f} % (aim: under 25 %)."]
     lines += ["", f"![](results/{name}_{metric}.png)", f"![](results/{name}_curves.png)", "",
               f"Reproduce: `monai-fedkd bench {name} --mirror ../shared/data` (records: `docs/results/{name}.json`).", MARK_END.format(name)]
+    write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
+
+
+def write_section(page: Path, start: str, end: str, lines: list[str]) -> None:
+    """Replace the block of ``page`` between the markers ``start`` and ``end`` (``lines`` carry both), or append it;
+    the rest of the page is kept."""
     text = page.read_text() if page.is_file() else "# Results\n"
-    start, end = MARK_START.format(name), MARK_END.format(name)
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + "\n".join(lines) + rest.split(end, 1)[1]

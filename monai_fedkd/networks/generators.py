@@ -79,6 +79,13 @@ def _norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+def _value_range(value_range) -> tuple[float, float]:
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ValueError(f"value_range must be [low, high] with high > low, got {list(value_range)}")
+    return low, high
+
+
 @torch.no_grad()
 def _init_output_layer(weight: torch.Tensor, bias: torch.Tensor, value_range, init_mean: float) -> None:
     low, high = value_range
@@ -216,9 +223,7 @@ class ConditionalGenerator(nn.Module):
             raise ValueError(f"condition must be one of {_CONDITIONS}, got {condition!r}")
         if out_channels < 1 or latent_dim < 1 or base_channels < 1:
             raise ValueError("out_channels, latent_dim and base_channels must be positive")
-        low, high = (float(v) for v in value_range)
-        if not high > low:
-            raise ValueError(f"value_range must be [low, high] with high > low, got {list(value_range)}")
+        low, high = _value_range(value_range)
         if num_classes is not None and int(num_classes) < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
 
@@ -366,9 +371,7 @@ class LayoutGenerator(nn.Module):
             raise ValueError(f"a layout needs at least 2 classes (background and one structure), got {num_classes}")
         if latent_dim < 0 or noise_channels < 0 or out_channels < 1:
             raise ValueError("latent_dim and noise_channels must be >= 0, out_channels >= 1")
-        low, high = (float(v) for v in value_range)
-        if not high > low:
-            raise ValueError(f"value_range must be [low, high] with high > low, got {list(value_range)}")
+        low, high = _value_range(value_range)
         self.spatial_dims, self.out_channels = int(spatial_dims), int(out_channels)
         self.spatial_size = _as_size(spatial_size, self.spatial_dims)
         self.num_classes, self.latent_dim, self.noise_channels = int(num_classes), int(latent_dim), int(noise_channels)
