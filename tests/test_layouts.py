@@ -34,12 +34,16 @@ def test_atlas_is_the_subject_mean_in_the_patch_frame():
     assert mean.shape == (3, 12, 12, 8)
     torch.testing.assert_close(mean.sum(0), torch.ones(12, 12, 8))
     assert mean[1, 3, 4, 3] == 1.0 and mean[1, 2, 4, 3] == 0.5 and mean[2, 8, 8, 4] == 1.0
-    # another size is centre-cropped / padded with background into the patch frame
+    # the frame is the first subject's size (at least the patch size); other sizes are centre-cropped / padded
     big = torch.zeros(1, 14, 12, 10, dtype=torch.long)
     big[0, 1 + 8, 8, 1 + 4] = 2
     acc2 = AtlasAccumulator(3, [12, 12, 8])
+    acc2.add(_cube_labels(1)[0])
     acc2.add(big)
-    assert acc2.mean()[2, 8, 8, 4] == 1.0
+    assert acc2.spatial_size == [12, 12, 8] and acc2.mean()[2, 8, 8, 4] == 1.0
+    acc3 = AtlasAccumulator(3, [12, 12, 8])
+    acc3.add(torch.zeros(1, 16, 10, 8, dtype=torch.long))
+    assert acc3.spatial_size == [16, 12, 8], "the whole field of view, never smaller than the patch"
     with pytest.raises(ValueError, match="outside"):
         acc2.add(torch.full((1, 12, 12, 8), 3))
 
@@ -148,3 +152,26 @@ def test_layout_crops_keep_the_anatomy_at_its_scale():
         assert (windows == c).flatten(3).all(-1).any()
     with pytest.raises(ValueError, match="crop_size"):
         LayoutSampler(atlas, crop_size=[32, 16, 8])
+
+
+def test_intensity_atlas_and_prior_follow_the_layouts():
+    from monai_fedkd.site.atlas import atlas_intensity
+
+    acc = AtlasAccumulator(3, [12, 12, 8])
+    for k, lab in enumerate(_cube_labels(6)):
+        acc.add(lab, torch.full((1, 12, 12, 8), float(k)))  # subject k: constant intensity k
+    atlas = publish_atlas(acc, AnswerPolicy(), None)
+    torch.testing.assert_close(atlas_intensity(atlas), torch.full((6, 6, 4), 2.5))  # mean of 0..5, pooled
+    with pytest.raises(ValueError, match="differ in size"):
+        acc.add(_cube_labels(1)[0], torch.zeros(1, 10, 12, 8))
+    # the prior is deformed and cropped with its layout: without deformation it is the map's window
+    intensity = torch.linspace(0, 1, 24)[:, None, None].expand(24, 24, 16).contiguous()
+    sampler = LayoutSampler(_toy_atlas(), rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, crop_size=[16, 16, 8], intensity=intensity)
+    layouts, prior = sampler.sample_with_prior(3, torch.Generator().manual_seed(0))
+    assert prior.shape == (3, 1, 16, 16, 8) and layouts.shape == (3, 16, 16, 8)
+    for p in prior[:, 0]:
+        start = int(torch.argmin((intensity[:, 0, 0] - p[0, 0, 0]).abs()))
+        torch.testing.assert_close(p, intensity[start:start + 16, :16, :8], atol=1e-5, rtol=0)
+    gen = LayoutGenerator(3, 1, [16, 16, 8], num_classes=3, features=(4, 4, 8, 8, 8, 4))
+    x = gen(torch.randn(3, 8), layouts, prior.clamp(0.05, 0.95))
+    assert (x - prior.clamp(0.05, 0.95)).abs().mean() < 0.1, "the generator starts at the prior image"

@@ -86,7 +86,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     (output_dir / "models").mkdir(parents=True, exist_ok=True)
     torch.save(ema.state_dict(), output_dir / "models" / "model.pt")
     card = json.loads((reference / "central_card.json").read_text())
-    card.update({"iterations": step, "upper_bound": "student distilled on the sites' real training patches (not data-free)",
+    card.update({"iterations": step, "max_seconds": seconds, "upper_bound": "student distilled on the sites' real training patches (not data-free)",
                  "generator_def": None, "layouts": None})
     (output_dir / "central_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return output_dir
@@ -105,8 +105,17 @@ def _scalars(run_dir: Path, tags) -> dict:
     return {t: statistics.mean(e.value for e in acc.Scalars(t)[-20:]) for t in tags if t in have}
 
 
+def _finished(model_dir: Path, seconds: float) -> dict | None:
+    """The card of a variant already built under the same budget (reused with ``reuse=True``)."""
+    card = model_dir / "central_card.json"
+    if not (card.is_file() and (model_dir / "models" / "model.pt").is_file()):
+        return None
+    card = json.loads(card.read_text())
+    return card if card.get("max_seconds") == seconds else None
+
+
 def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", seeds=None, seconds: float = 600.0, variants=None,
-        docs: Path | None = DOCS) -> dict:
+        docs: Path | None = DOCS, reuse: bool = False) -> dict:
     cfg = load_config(benchmark)
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS) - {UPPER_BOUND})
@@ -127,6 +136,10 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         for v in variants:
             name = f"generator_{v}"
             t0 = time.perf_counter()
+            if reuse and (card := _finished(run_dir / name, seconds)) is not None:
+                logger.info("reusing %s (built under the same budget)", run_dir / name)
+                built[v] = (run_dir / name, None, card)
+                continue
             if v == UPPER_BOUND:
                 reference = run_dir / "generator_layout"
                 if not (reference / "central_card.json").is_file():
@@ -181,8 +194,8 @@ def write_markdown(results: dict, page: Path) -> None:
     lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
              f"Pooled test Dice of the central model per generator variant, {results['seconds_per_variant']:.0f} s of distillation each "
              "(mean over seeds; per-class Dice of the foreground classes). Same sites, split and budget for every variant.", "",
-             "| variant | seeds | mean Dice | " + " | ".join(classes) + " | steps | layout Dice (ensemble vs layout) | foreground share |",
-             "|---|---|---|" + "---|" * len(classes) + "---|---|---|"]
+             "| variant | seeds | mean Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
+             "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     for v, rs in sorted(by_variant.items(), key=lambda kv: -mean([r["pooled"]["mean_dice"] or 0 for r in kv[1]])):
         per_class = [mean([r["pooled"]["dice"].get(c) for r in rs if r["pooled"]["dice"].get(c) is not None]) for c in classes]
@@ -190,6 +203,7 @@ def write_markdown(results: dict, page: Path) -> None:
         fg = [r["generator/foreground_fraction"] for r in rs if "generator/foreground_fraction" in r]
         lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
                      + " | ".join(f"{x:.3f}" for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
+                     + (f"{mean([r['wall_s'] for r in rs if r.get('wall_s')]):.0f}" if any(r.get("wall_s") for r in rs) else "–") + " | "
                      + (f"{mean(ld):.3f}" if ld else "–") + " | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
     if ref:
         lines += ["", f"References (seed {results['runs'][0]['seed']}): weighted ensemble {ref['ensemble_weighted']['mean_dice']:.3f}, "
@@ -211,9 +225,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="distillation wall-time budget per variant")
     parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {UPPER_BOUND}")
     parser.add_argument("--docs", default=str(DOCS))
+    parser.add_argument("--reuse", action="store_true", help="keep variants already built under the same budget")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None)
+    run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None, args.reuse)
     return 0
 
 

@@ -336,8 +336,10 @@ class LayoutGenerator(nn.Module):
     the server samples a layout, :class:`~monai_fedkd.server.layouts.LayoutSampler`, this network paints it).
 
     The layout enters one-hot, with ``latent_dim`` channels holding the latent code (the same at every voxel: the
-    sample's global appearance) and ``noise_channels`` of voxel-wise Gaussian noise (texture; drawn from torch's
-    global generator, which the distillation engine seeds per step). The body is MONAI's ``BasicUNet`` with
+    sample's global appearance), ``noise_channels`` of voxel-wise Gaussian noise (texture; drawn from torch's
+    global generator, which the distillation engine seeds per step) and the intensity prior: the sites' mean image,
+    deformed with the layout (``prior``; a constant ``init_mean`` without one). The output starts at the prior: the
+    network's last layer adds to the prior's logit, its weights zero-mean and its bias zero. The body is MONAI's ``BasicUNet`` with
     non-trainable (linear) upsampling, so no transposed convolution leaves a checkerboard, and instance norm.
 
     Args:
@@ -376,16 +378,17 @@ class LayoutGenerator(nn.Module):
         self.spatial_size = _as_size(spatial_size, self.spatial_dims)
         self.num_classes, self.latent_dim, self.noise_channels = int(num_classes), int(latent_dim), int(noise_channels)
         self.value_range = (low, high)
-        self.body = BasicUNet(spatial_dims=self.spatial_dims, in_channels=self.num_classes + self.latent_dim + self.noise_channels,
+        self.body = BasicUNet(spatial_dims=self.spatial_dims, in_channels=self.num_classes + self.latent_dim + self.noise_channels + 1,
                               out_channels=self.out_channels, features=tuple(int(f) for f in features), upsample="nontrainable")
         self.init_mean = 0.5 * (low + high) if init_mean is None else float(init_mean)
         if not low <= self.init_mean <= high:
             raise ValueError(f"init_mean {init_mean} is outside value_range {list(value_range)}")
         conv = self.body.final_conv
-        _init_output_layer(conv.weight, conv.bias, self.value_range, self.init_mean)
+        _init_output_layer(conv.weight, conv.bias, self.value_range, 0.5 * (low + high))  # bias 0: the prior sets the level
 
-    def forward(self, z: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
-        """``z``: ``(B, latent_dim)``; ``layout``: ``(B, *spatial_size)`` (or ``(B, 1, *spatial_size)``) class indices."""
+    def forward(self, z: torch.Tensor, layout: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``z``: ``(B, latent_dim)``; ``layout``: ``(B, *spatial_size)`` (or ``(B, 1, *spatial_size)``) class indices;
+        ``prior``: ``(B, 1, *spatial_size)`` intensities in ``value_range`` (default: ``init_mean`` everywhere)."""
         if layout is None:
             raise ValueError("LayoutGenerator needs a label layout (B, *spatial_size)")
         if layout.ndim == self.spatial_dims + 2 and layout.shape[1] == 1:
@@ -397,7 +400,13 @@ class LayoutGenerator(nn.Module):
         if layout.min() < 0 or layout.max() >= self.num_classes:
             raise ValueError(f"layout values must be in [0, {self.num_classes}), got {int(layout.min())}..{int(layout.max())}")
         onehot = nn.functional.one_hot(layout.long(), self.num_classes).movedim(-1, 1).to(z.dtype)
-        parts = [onehot]
+        low, high = self.value_range
+        if prior is None:
+            prior = torch.full((layout.shape[0], 1, *self.spatial_size), self.init_mean, device=z.device, dtype=z.dtype)
+        if tuple(prior.shape) != (layout.shape[0], 1, *self.spatial_size):
+            raise ValueError(f"prior must have shape ({layout.shape[0]}, 1, {self.spatial_size}), got {tuple(prior.shape)}")
+        rel = ((prior.to(z.dtype) - low) / (high - low)).clamp(1e-3, 1 - 1e-3)
+        parts = [onehot, rel]
         if self.latent_dim:
             parts.append(z.view(*z.shape, *[1] * self.spatial_dims).expand(-1, -1, *self.spatial_size))
         if self.noise_channels:
@@ -414,5 +423,4 @@ class LayoutGenerator(nn.Module):
         out = self.body(h)
         if any(pad):
             out = out[(slice(None), slice(None), *[slice((t - s) // 2, (t - s) // 2 + s) for s, t in zip(self.spatial_size, padded)])]
-        low, high = self.value_range
-        return low + (high - low) * torch.sigmoid(out)
+        return low + (high - low) * torch.sigmoid(torch.logit(rel) + out)

@@ -46,7 +46,7 @@ from monai_fedkd.losses import (
     site_weights,
 )
 from monai_fedkd.networks import network_definition
-from monai_fedkd.server.layouts import LayoutSampler, combined_atlas
+from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_intensity
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswerError, Transport
@@ -320,12 +320,13 @@ class CentralDistillation:
         frame = list(self.cards[self.atlas_sites[0]]["atlas"].get("spatial_size") or self.spec["spatial_size"])
         logger.info("layouts from the atlases of sites %s (others share none: %s)", self.atlas_sites,
                     sorted(set(self.cards) - set(self.atlas_sites)) or "-")
-        atlas = combined_atlas({n: self.cards[n]["atlas"] for n in self.atlas_sites}, self.num_classes, frame)
+        shared = {n: self.cards[n]["atlas"] for n in self.atlas_sites}
+        atlas, intensity = combined_atlas(shared, self.num_classes, frame), combined_intensity(shared, frame)
         self.layout_options = dict(options or {})
         crop = [min(int(c), int(f)) for c, f in zip(self.generator.spatial_size, frame)]
         if crop != [int(c) for c in self.generator.spatial_size]:
             raise ValueError(f"the generator's patch {list(self.generator.spatial_size)} is larger than the sites' patch frame {frame}")
-        return LayoutSampler(atlas, crop_size=crop, **self.layout_options)
+        return LayoutSampler(atlas, crop_size=crop, intensity=intensity, **self.layout_options)
 
     # ---- site weights -----------------------------------------------------------------------------------------
     def _set_site_weights(self) -> None:
@@ -365,7 +366,9 @@ class CentralDistillation:
         g = self._rng(step, 0)
         z = torch.randn(self.batch_size, self.generator.latent_dim, generator=g)
         if self.layouts is not None:
-            return z.to(self.device), self.layouts.sample(self.batch_size, g).to(self.device)
+            layouts, prior = self.layouts.sample_with_prior(self.batch_size, g)
+            self._prior = None if prior is None else prior.to(self.device)  # the generator's starting image
+            return z.to(self.device), layouts.to(self.device)
         if not self.conditional:
             return z.to(self.device), None
         labels = torch.randint(self.num_classes, (self.batch_size,), generator=g)
@@ -430,7 +433,10 @@ class CentralDistillation:
         out: dict[str, float] = {}
         self.generator.train()
         z, labels = self._sample(step)
-        x = self.generator(z, labels) if labels is not None else self.generator(z)
+        if self.layouts is not None:
+            x = self.generator(z, labels, self._prior)
+        else:
+            x = self.generator(z, labels) if labels is not None else self.generator(z)
         answers = self._query(x, step)
 
         t0 = time.perf_counter()

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_fedkd.site.atlas import atlas_tensor
+from monai_fedkd.site.atlas import atlas_intensity, atlas_tensor
 
-__all__ = ["LayoutSampler", "combined_atlas"]
+__all__ = ["LayoutSampler", "combined_atlas", "combined_intensity"]
 
 
 def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -49,6 +49,25 @@ def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_siz
     return out / out.sum(0, keepdim=True).clamp_min(1e-8)
 
 
+def combined_intensity(atlases: Mapping[str, Mapping], spatial_size: Sequence[int]) -> torch.Tensor | None:
+    """The subject-weighted mean intensity map of the sites' atlases at ``spatial_size``; ``None`` when a site
+    shares none (the generator then starts from a constant)."""
+    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
+    total, subjects = None, 0
+    for name, atlas in atlases.items():
+        try:
+            t = atlas_intensity(atlas)
+        except ValueError as e:
+            raise ValueError(f"site '{name}': {e}") from None
+        if t is None:
+            return None
+        up = F.interpolate(t[None, None], size=list(spatial_size), mode=mode, align_corners=False)[0, 0]
+        n = int(atlas.get("subjects") or 1)
+        total = up * n if total is None else total + up * n
+        subjects += n
+    return None if total is None else total / subjects
+
+
 class LayoutSampler:
     """Random label layouts ``(B, *spatial_size)`` from a combined class atlas (see the module docstring).
 
@@ -63,11 +82,13 @@ class LayoutSampler:
         volume_jitter: relative spread of each class's volume around its atlas volume.
         crop_size: when the generator synthesizes patches smaller than the sites' patch frame, each layout is a
             random crop of this size out of a layout of the atlas's size (the anatomy keeps its scale).
+        intensity: ``(*spatial_size)`` mean-intensity map (:func:`combined_intensity`); :meth:`sample_with_prior`
+            deforms and crops it with each layout, as the generator's starting image.
     """
 
     def __init__(self, atlas: torch.Tensor, rotate: float = 10.0, scale: float = 0.1, translate: float = 0.05,
                  elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2,
-                 crop_size: Sequence[int] | None = None) -> None:
+                 crop_size: Sequence[int] | None = None, intensity: torch.Tensor | None = None) -> None:
         if atlas.ndim not in (3, 4):
             raise ValueError(f"atlas must be (classes, H, W) or (classes, H, W, D), got {tuple(atlas.shape)}")
         for name, v in (("rotate", rotate), ("scale", scale), ("translate", translate), ("elastic", elastic), ("texture", texture)):
@@ -82,6 +103,9 @@ class LayoutSampler:
         self.elastic, self.elastic_grid = float(elastic), max(int(elastic_grid), 2)
         self.texture, self.volume_jitter = float(texture), float(volume_jitter)
         self.volumes = self.atlas.flatten(1).sum(1)  # expected voxels per class
+        if intensity is not None and list(intensity.shape) != self.spatial_size:
+            raise ValueError(f"intensity map {list(intensity.shape)} does not match the atlas size {self.spatial_size}")
+        self.intensity = None if intensity is None else intensity.float()
         self.crop_size = list(self.spatial_size) if crop_size is None else [int(c) for c in crop_size]
         if len(self.crop_size) != self.spatial_dims or any(not 0 < c <= s for c, s in zip(self.crop_size, self.spatial_size)):
             raise ValueError(f"layout crop_size {self.crop_size} must have {self.spatial_dims} sides within the atlas size {self.spatial_size}")
@@ -106,9 +130,14 @@ class LayoutSampler:
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         return F.interpolate(coarse, size=self.spatial_size, mode=mode, align_corners=True)
 
-    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` layouts ``(n, *crop_size)`` of class indices (``crop_size`` defaults to the atlas size)."""
+        return self.sample_with_prior(n, generator)[0]
+
+    @torch.no_grad()
+    def sample_with_prior(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` layouts ``(n, *crop_size)`` and the intensity map deformed and cropped alike ``(n, 1, *crop_size)``
+        (``None`` without an intensity map)."""
         g, d = generator, self.spatial_dims
         theta = self._affine(n, g)
         grid = F.affine_grid(theta, [n, self.num_classes, *self.spatial_size], align_corners=False)
@@ -116,6 +145,9 @@ class LayoutSampler:
             disp = self._smooth_field(n, d, g, self.elastic_grid) * (2 * self.elastic)
             grid = grid + disp.movedim(1, -1)
         probs = F.grid_sample(self.atlas.expand(n, *self.atlas.shape), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        prior = None
+        if self.intensity is not None:
+            prior = F.grid_sample(self.intensity.expand(n, 1, *self.spatial_size), grid, mode="bilinear", padding_mode="border", align_corners=False)
         score = probs + self.texture * self._smooth_field(n, self.num_classes, g, max(2, min(self.spatial_size) // 6)) * probs.clamp_max(0.5)
         volumes = self.volumes * (1 + (2 * torch.rand(n, self.num_classes, generator=g) - 1) * self.volume_jitter)
         layout = torch.zeros(n, *self.spatial_size, dtype=torch.long)
@@ -131,9 +163,12 @@ class LayoutSampler:
                 if k:
                     flat_layout[b, s.topk(k).indices] = c
         if self.crop_size == self.spatial_size:
-            return layout
-        crops = []
+            return layout, prior
+        crops, prior_crops = [], []
         for b in range(n):
             starts = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
-            crops.append(layout[(b, *[slice(a, a + c) for a, c in zip(starts, self.crop_size)])])
-        return torch.stack(crops)
+            window = [slice(a, a + c) for a, c in zip(starts, self.crop_size)]
+            crops.append(layout[(b, *window)])
+            if prior is not None:
+                prior_crops.append(prior[(b, slice(None), *window)])
+        return torch.stack(crops), (torch.stack(prior_crops) if prior is not None else None)

@@ -5,14 +5,18 @@ with the anatomy the sites know; the server samples them from the atlases the si
 (:class:`~monai_fedkd.server.layouts.LayoutSampler`). The atlas is computed at the site, from its own training
 label maps, in the frame of its network's input:
 
-1. every label map after the card's preprocessing (orientation, spacing) is centre-cropped or padded to the
-   network's patch size (``spatial_size``): volume centres are the only alignment, no registration;
+1. every label map after the card's preprocessing (orientation, spacing) is centre-cropped or padded to one frame:
+   the first subject's volume size, at least the network's patch size (``spatial_size``); volume centres are the
+   only alignment, no registration. The frame covers the whole field of view, so the layouts (and the generator's
+   patches cut from them) also cover the regions without any structure, which the central model must learn too;
 2. one-hot, averaged over subjects: ``mean[c, v]`` is the share of subjects whose voxel ``v`` is class ``c``;
-3. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
+3. the mean image intensity of the same subjects in the same frame (first channel), likewise;
+4. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
    when the policy says so, Gaussian noise of ``atlas_noise`` added per cell before the class distribution of every
    cell is renormalised.
 
-What it reveals: the site's average anatomy at ``atlas_pool x spacing`` resolution and its class volumes. One
+What it reveals: the site's average anatomy and average image at ``atlas_pool x spacing`` resolution and its class
+volumes. One
 subject moves each cell's class distribution by at most ``2 / n`` in L1 (``n`` subjects), so over ``G`` cells the
 replace-one L2 sensitivity is ``sqrt(2 G) / n``; with noise the release is a Gaussian mechanism whose epsilon the card
 reports. A site with fewer than ``atlas_min_subjects`` training subjects publishes none.
@@ -29,21 +33,25 @@ import torch.nn.functional as F
 
 from monai_fedkd.site.policy import AnswerPolicy, gaussian_epsilon
 
-__all__ = ["AtlasAccumulator", "publish_atlas", "atlas_tensor"]
+__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "publish_atlas"]
 
 logger = logging.getLogger(__name__)
 
 
 class AtlasAccumulator:
-    """Running sum of one-hot label maps in the network-input frame (``spatial_size``), one subject at a time."""
+    """Running sums of one-hot label maps (and of images) in the network-input frame (``spatial_size``), one subject
+    at a time."""
 
     def __init__(self, num_classes: int, spatial_size: Sequence[int]) -> None:
-        self.num_classes, self.spatial_size = int(num_classes), [int(s) for s in spatial_size]
-        self.total = torch.zeros((self.num_classes, *self.spatial_size), dtype=torch.float64)
+        self.num_classes, self.min_size = int(num_classes), [int(s) for s in spatial_size]
+        self.spatial_size = list(self.min_size)  # the frame: set by the first subject
+        self.total: torch.Tensor | None = None
+        self.image_total: torch.Tensor | None = None
         self.subjects = 0
 
-    def add(self, label: torch.Tensor) -> None:
-        """``label``: ``(1, *spatial)`` or ``(*spatial)`` class indices of one subject (any spatial size)."""
+    def add(self, label: torch.Tensor, image: torch.Tensor | None = None) -> None:
+        """``label``: ``(1, *spatial)`` or ``(*spatial)`` class indices of one subject (any spatial size); ``image``:
+        its preprocessed image, same geometry (first channel used); without images the intensity atlas stays 0."""
         from monai.transforms import ResizeWithPadOrCrop
 
         label = torch.as_tensor(label)
@@ -51,8 +59,19 @@ class AtlasAccumulator:
             label = label[None]
         if label.ndim != len(self.spatial_size) + 1 or label.shape[0] != 1:
             raise ValueError(f"atlas: a label map of shape {tuple(label.shape)} is not (1, {len(self.spatial_size)} spatial dims)")
+        if self.total is None:
+            self.spatial_size = [max(int(a), b) for a, b in zip(label.shape[1:], self.min_size)]
+            self.total = torch.zeros((self.num_classes, *self.spatial_size), dtype=torch.float64)
+            self.image_total = torch.zeros(self.spatial_size, dtype=torch.float64)
+        frame = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0)
+        if image is not None:
+            image = torch.as_tensor(image).float()
+            image = image[None] if image.ndim == len(self.spatial_size) else image[:1]
+            if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+                raise ValueError(f"atlas: image {tuple(image.shape)} and label {tuple(label.shape)} differ in size")
+            self.image_total += torch.as_tensor(frame(image))[0].to(torch.float64)
         # padding is background (class 0): outside the subject's field of view nothing is known
-        label = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0)(label.float()).long()[0]
+        label = torch.as_tensor(frame(label.float())).long()[0]
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
         self.total += F.one_hot(torch.as_tensor(label), self.num_classes).movedim(-1, 0).to(torch.float64)
@@ -62,6 +81,11 @@ class AtlasAccumulator:
         if not self.subjects:
             raise ValueError("atlas: no label maps were added")
         return (self.total / self.subjects).float()
+
+    def mean_image(self) -> torch.Tensor:
+        if not self.subjects:
+            raise ValueError("atlas: no label maps were added")
+        return (self.image_total / self.subjects).float()
 
 
 def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence[float] | None,
@@ -77,11 +101,13 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
     mean = acc.mean()[None]
     pool_fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
     pooled = pool_fn(mean, grid)[0]
+    intensity = pool_fn(acc.mean_image()[None, None], grid)[0, 0]
     cells = math.prod(grid)
     sensitivity = math.sqrt(2.0 * cells) / acc.subjects
     epsilon = None
     if policy.atlas_noise > 0:
         pooled = pooled + torch.randn(pooled.shape, generator=generator) * float(policy.atlas_noise)
+        intensity = intensity + torch.randn(intensity.shape, generator=generator) * float(policy.atlas_noise)
         pooled = pooled.clamp_min(0.0)
         total = pooled.sum(0, keepdim=True)
         # a cell the noise pushed below zero in every class says nothing: uniform
@@ -98,7 +124,19 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         "epsilon": epsilon,
         "delta": policy.delta,
         "probabilities": [round(float(v), 4) for v in pooled.flatten()],  # flat, classes first, then the grid in C order
+        "intensity": [round(float(v), 4) for v in intensity.flatten()],  # mean network-input intensity per cell
     }
+
+
+def atlas_intensity(atlas: dict) -> torch.Tensor | None:
+    """The ``(*grid)`` mean-intensity map of a published atlas, or ``None`` when it has none."""
+    if atlas.get("intensity") is None:
+        return None
+    grid = [int(g) for g in atlas["grid"]]
+    values = torch.tensor(atlas["intensity"], dtype=torch.float32)
+    if values.numel() != math.prod(grid) or not torch.isfinite(values).all():
+        raise ValueError(f"atlas intensity has {values.numel()} values for grid {grid} (or is not finite)")
+    return values.reshape(grid)
 
 
 def atlas_tensor(atlas: dict, num_classes: int) -> torch.Tensor:

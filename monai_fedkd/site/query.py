@@ -172,7 +172,8 @@ class QuerySite:
         xforms = Compose(card_preprocessing(self.card, with_label=True))
         acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"])
         for item in items:
-            acc.add(xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})["label"])
+            data = xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})
+            acc.add(data["label"], data["image"])
         return acc
 
     def _real_batch(self, n: int, g: torch.Generator, size=None) -> torch.Tensor:
