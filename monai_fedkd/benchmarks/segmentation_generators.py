@@ -35,7 +35,7 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
     "layout_ce_only": ((), {"weights#layout_dice": 0.0}),
-    "layout_no_discriminators": ((), {"weights#realism": 0.0, "with_real_images": False}),
+    "layout_with_discriminators": ((), {"weights#realism": 0.5, "with_real_images": True}),
     "layout_rigid": ((), {"layout_options": {"rotate": 0.0, "scale": 0.0, "translate": 0.0, "elastic": 0.0, "texture": 0.0}}),
 }
 UPPER_BOUND = "real_inputs"
@@ -57,7 +57,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     parser = ConfigParser()
     parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
     parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed})
-    cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay")}
+    cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
     sites, size = parser.get_parsed_content("query_sites"), parser.get_parsed_content("synthesis_size")
     cards = transport.site_cards()
@@ -65,7 +65,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     num_classes = cards[names[0]]["classes"]["num_classes"]
     expertise = site_weights([cards[n].get("class_counts") for n in names], num_classes)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg["student_lr"])
-    ema, cache, loss_fn = _EMA(student, cfg["ema_decay"]), SampleCache(cfg["cache_size"]), DistillationLoss(weight=1.0)
+    ema, cache, loss_fn = _EMA(student, cfg["ema_decay"], warmup=cfg["ema_warmup"]), SampleCache(cfg["cache_size"]), DistillationLoss(weight=1.0)
     g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         site = sites[step % len(sites)]
@@ -84,7 +84,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
             ema.update(student)
         step += 1
     (output_dir / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(ema.state_dict(), output_dir / "models" / "model.pt")
+    torch.save(ema.model.state_dict(), output_dir / "models" / "model.pt")
     card = json.loads((reference / "central_card.json").read_text())
     card.update({"iterations": step, "max_seconds": seconds, "upper_bound": "student distilled on the sites' real training patches (not data-free)",
                  "generator_def": None, "layouts": None})

@@ -149,26 +149,34 @@ def _hard(labels: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _EMA:
-    """Exponential moving average of the student's weights (a smoother last iterate; no test data involved)."""
+    """Exponential moving average of the student's weights (a smoother last iterate; no test data involved).
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
+    With ``warmup`` the decay of update ``t`` is ``min(decay, (1 + t) / (10 + t))``: a short run (a few hundred
+    student updates, as in 3D segmentation) is not dominated by the random initial weights, which a fixed 0.999
+    would still weigh by ``0.999^t`` (70 % after 360 updates)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False) -> None:
+        self.decay, self.warmup, self.updates = decay, bool(warmup), 0
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        self.updates += 1
         for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
+                e.mul_(decay).add_(m.detach(), alpha=1 - decay)
             else:
                 e.copy_(m)
 
     def state_dict(self):
-        return self.model.state_dict()
+        return {**self.model.state_dict(), "_ema_updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state):
+        state = dict(state)
+        self.updates = int(state.pop("_ema_updates", 0))
         self.model.load_state_dict(state)
 
 
@@ -192,6 +200,7 @@ class CentralDistillation:
         boundary_fraction: share of each generator batch (classification) whose target is a random mixture of two
             classes instead of one class: inputs between classes, where the student must learn the sites' ranking.
         ema_decay / selection: "last" keeps the last student iterate, "ema" its weight average.
+        ema_warmup: average with the decay ``min(ema_decay, (1 + t) / (10 + t))`` at update ``t`` (for short runs).
         checkpoint_interval / resume: regular checkpoints; ``resume=True`` continues from the newest one.
         drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping. A site
             whose query budget (its policy) runs out always leaves the run; fewer than ``min_sites`` left stops it.
@@ -228,6 +237,7 @@ class CentralDistillation:
         cache_size: int = 512,
         boundary_fraction: float = 1.0,
         ema_decay: float = 0.999,
+        ema_warmup: bool = False,
         selection: str = "ema",
         checkpoint_interval: int = 50,
         montage_interval: int = 50,
@@ -289,7 +299,7 @@ class CentralDistillation:
 
         self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr, betas=(0.5, 0.999))
         self.s_optimizer = torch.optim.Adam(self.student.parameters(), lr=student_lr)
-        self.ema = _EMA(self.student, ema_decay)
+        self.ema = _EMA(self.student, ema_decay, warmup=ema_warmup)
         self.cache = SampleCache(cache_size)
         self.temperature = float(temperature)
         self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature)
@@ -585,6 +595,7 @@ class CentralDistillation:
             "generator_def": network_definition(self.generator) if hasattr(self.generator, "_monai_fedkd_network_def") else None,
             "checkpoint": "models/model.pt",
             "selection": self.selection,
+            "ema_warmup": self.ema.warmup,
             "seed": self.seed,
             "iterations": int(engine.state.iteration),
             "max_seconds": self.max_seconds,
