@@ -124,10 +124,12 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
     out_json = None if docs is None else Path(docs) / "results" / f"segmentation_generators_{cfg['name']}.json"
     results = {"benchmark": cfg["name"], "seconds_per_variant": seconds, "variants": {v: {"configs": list(VARIANTS[v][0]), "overrides": VARIANTS[v][1]}
                                                                                         for v in variants if v in VARIANTS}, "runs": []}
-    if out_json is not None and out_json.is_file():  # seeds / variants run before with the same budget are kept
+    if out_json is not None and out_json.is_file():  # what ran before is kept, unless rerun now (same seed, variant, budget)
         old = json.loads(out_json.read_text())
-        if old.get("seconds_per_variant") == seconds:
-            results["runs"] = [r for r in old["runs"] if not (r["seed"] in (seeds or cfg["seeds"]) and r["variant"] in variants)]
+        rerun = {(s, v, seconds) for s in (seeds or cfg["seeds"]) for v in variants}
+        results["runs"] = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]
+        results["runs"] = [r for r in results["runs"] if (r["seed"], r["variant"], r["seconds"]) not in rerun]
+        results["variants"] = {**old.get("variants", {}), **results["variants"]}
     for seed in seeds or cfg["seeds"]:
         run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         if info["task"] != "segmentation":
@@ -162,9 +164,9 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
-            record = {"seed": seed, "variant": v, "pooled": metrics[v]["pooled"], "steps": card["iterations"], "wall_s": wall,
+            record = {"seed": seed, "variant": v, "seconds": seconds, "pooled": metrics[v]["pooled"], "steps": card["iterations"], "wall_s": wall,
                       "reference": reference, **_scalars(d, ["generator/layout_agreement", "generator/foreground_fraction", "student/distillation"])}
-            results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r["variant"] == v)] + [record]
+            results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r["variant"] == v and r.get("seconds") == seconds)] + [record]
             montages = sorted((d / "montages").glob("iter_*.png"))
             if docs is not None and montages:
                 folder = Path(docs) / "results" / "segmentation_generators"
@@ -188,12 +190,12 @@ def write_markdown(results: dict, page: Path) -> None:
     name = results["benchmark"]
     by_variant: dict[str, list[dict]] = {}
     for r in results["runs"]:
-        by_variant.setdefault(r["variant"], []).append(r)
+        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', results['seconds_per_variant']):.0f} s)", []).append(r)
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
     ref = results["runs"][0]["reference"] if results["runs"] else None
     lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
-             f"Pooled test Dice of the central model per generator variant, {results['seconds_per_variant']:.0f} s of distillation each "
-             "(mean over seeds; per-class Dice of the foreground classes). Same sites, split and budget for every variant.", "",
+             "Pooled test Dice of the central model per generator variant and distillation budget (mean over seeds; per-class Dice "
+             "of the foreground classes). Same sites and split for every variant; variants of one budget ran one at a time.", "",
              "| variant | seeds | mean Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
              "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
@@ -212,7 +214,7 @@ def write_markdown(results: dict, page: Path) -> None:
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
               "`docs/results/segmentation_generators/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
-              f"--seconds {results['seconds_per_variant']:.0f}` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
+              f"--seconds S --variants ...` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
     write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
 
 
