@@ -56,7 +56,8 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     root = BUNDLES_DIR / "central_distillation" / "configs"
     parser = ConfigParser()
     parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
-    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed})
+    # the bound trains on the sites' real patches: they load them whatever the data-free default says
+    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True})
     cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
     sites, size = parser.get_parsed_content("query_sites"), parser.get_parsed_content("synthesis_size")
