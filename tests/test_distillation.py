@@ -287,7 +287,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 6, 16, 16, 16)
     assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg_sites)
-    assert all(a["subjects"] == 2 and a["grid"] == [8, 8, 8] for a in card["layouts"]["atlas"].values())
+    for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
+        assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 
 
 def test_bundle_3d_segmentation_unconditional(seg_sites, tmp_path):
@@ -313,9 +314,10 @@ def test_segmentation_site_publishes_the_atlas_its_policy_allows(seg_sites):
     assert site.discriminator is None and "atlas" not in site.card  # 2 training subjects, the default policy needs 5
     site.set_policy(AnswerPolicy(atlas_min_subjects=1, atlas_pool=4))
     atlas = site.card["atlas"]
-    assert atlas["subjects"] == 2 and atlas["grid"] == [4, 4, 4] and site.card["answer_policy"]["atlas_pool"] == 4
+    assert atlas["subjects"] == 2 and site.card["answer_policy"]["atlas_pool"] == 4
+    assert atlas["grid"] == [-(-s // 4) for s in atlas["spatial_size"]] and all(s >= 16 for s in atlas["spatial_size"])
     t = atlas_tensor(atlas, site.card["classes"]["num_classes"])
-    torch.testing.assert_close(t.sum(0), torch.ones(4, 4, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(t.sum(0), torch.ones(atlas["grid"]), atol=1e-3, rtol=0)
     assert float(t[1:].sum()) > 0, "the atlas holds the site's structures"
     assert site.stats.bytes_sent >= 4 * len(atlas["probabilities"])  # shared information is counted
     site.set_policy(AnswerPolicy(share_atlas=False, atlas_min_subjects=1))

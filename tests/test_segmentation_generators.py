@@ -34,7 +34,7 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
         assert r["steps"] >= 1 and r["reference"]["ensemble_weighted"]["mean_dice"] is not None
     layout = next(r for r in written["runs"] if r["variant"] == "layout")
     assert 0.0 <= layout["generator/layout_agreement"] <= 1.0
-    assert (docs / "results" / "segmentation_generators" / "layout_seed0_layout.png").is_file()
+    assert (docs / "results" / "segmentation_generators" / "layout_3s_seed0_layout.png").is_file()
     assert "## 3D segmentation generators: tiny_seg" in (docs / "results.md").read_text()
     with pytest.raises(ValueError, match="unknown generator variants"):
         run(config, variants=["no_such_variant"], docs=None)

@@ -9,7 +9,7 @@ every site's test split. Beside them, the real-input upper bound: the same stude
 sites' *real* training patches labelled by the site ensemble (not data-free; it separates the generator's gap from
 the distillation's). Written: ``docs/results/segmentation_generators_<benchmark>.json`` (Dice per class and mean,
 steps, wall time, final layout agreement and foreground share of every variant and seed),
-``docs/results/segmentation_generators/<variant>_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
+``docs/results/segmentation_generators/<variant>_<budget>s_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
 layout variants also the layouts) and a section of ``docs/results.md``.
 """
 
@@ -137,14 +137,14 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
             raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
         built = {}
         for v in variants:
-            name = f"generator_{v}"
+            name = f"generator_{v}_{seconds:.0f}s"  # one folder per variant and budget
             t0 = time.perf_counter()
             if reuse and (card := _finished(run_dir / name, seconds)) is not None:
                 logger.info("reusing %s (built under the same budget)", run_dir / name)
                 built[v] = (run_dir / name, None, card)
                 continue
             if v == UPPER_BOUND:
-                reference = run_dir / "generator_layout"
+                reference = run_dir / f"generator_layout_{seconds:.0f}s"
                 if not (reference / "central_card.json").is_file():
                     raise ValueError(f"{UPPER_BOUND} takes its card from the 'layout' variant: run that first")
                 built[v] = real_input_upper_bound(run_dir / "sites.json", reference, run_dir / name, seconds, seed)
@@ -173,10 +173,10 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder = Path(docs) / "results" / "segmentation_generators"
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
-                shutil.copyfile(last, folder / f"{v}_seed{seed}.png")
+                shutil.copyfile(last, folder / f"{v}_{seconds:.0f}s_seed{seed}.png")
                 layout = last.with_name(last.stem + "_layout.png")
                 if layout.is_file():
-                    shutil.copyfile(layout, folder / f"{v}_seed{seed}_layout.png")
+                    shutil.copyfile(layout, folder / f"{v}_{seconds:.0f}s_seed{seed}_layout.png")
         if out_json is not None:
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(results, indent=2) + "\n")
