@@ -326,16 +326,16 @@ class CentralDistillation:
             raise ValueError(f"the layout-conditioned generator needs a class atlas from at least one site, and none of "
                              f"{sorted(self.cards)} shares one (site policy share_atlas, atlas_min_subjects, or no site datalist); "
                              "use the unconditional generator instead (central_distillation configs/segmentation_unconditional.json)")
-        # the atlas lives in the sites' patch frame; a generator of smaller patches paints random crops of it
+        # the atlas covers the sites' field of view; the generator paints random patches of it
         frame = list(self.cards[self.atlas_sites[0]]["atlas"].get("spatial_size") or self.spec["spatial_size"])
         logger.info("layouts from the atlases of sites %s (others share none: %s)", self.atlas_sites,
                     sorted(set(self.cards) - set(self.atlas_sites)) or "-")
         shared = {n: self.cards[n]["atlas"] for n in self.atlas_sites}
         atlas, intensity = combined_atlas(shared, self.num_classes, frame), combined_intensity(shared, frame)
         self.layout_options = dict(options or {})
-        crop = [min(int(c), int(f)) for c, f in zip(self.generator.spatial_size, frame)]
-        if crop != [int(c) for c in self.generator.spatial_size]:
-            raise ValueError(f"the generator's patch {list(self.generator.spatial_size)} is larger than the sites' patch frame {frame}")
+        crop = [int(c) for c in self.generator.spatial_size]
+        if any(c > int(f) for c, f in zip(crop, frame)):
+            raise ValueError(f"the generator's patch {crop} is larger than the sites' atlas frame {frame}")
         return LayoutSampler(atlas, crop_size=crop, intensity=intensity, **self.layout_options)
 
     # ---- site weights -----------------------------------------------------------------------------------------
