@@ -144,6 +144,26 @@ def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+def test_student_transform_reaches_every_student_input_and_keeps_shapes(cls_sites, tmp_path):
+    seen = []
+
+    def darken(x):  # a label-preserving intensity transform, pushed out of the value range on purpose
+        seen.append(tuple(x.shape))
+        return x - 10.0
+
+    transport = InProcessTransport(_sites(cls_sites, tmp_path))
+    d = _distiller(transport, tmp_path, iterations=2, student_transform=darken)
+    d.run()
+    assert seen == [(1, 28, 28)] * (2 * 2 * 8), "every sample of every student batch is transformed"
+    assert d._transform_student_inputs(torch.full((2, 1, 28, 28), 0.5)).min() >= 0.0, "clipped to the sites' value range"
+    assert json.loads((tmp_path / "central" / "central_card.json").read_text())["student_transform"] == "function"
+    with pytest.raises(ValueError, match="changed an input's shape"):
+        _distiller(transport, tmp_path, out="c2", iterations=1, student_transform=lambda x: x[:, :14]).run()
+    assert not (tmp_path / "c2" / "models" / "model.pt").exists()
+    with pytest.raises(ValueError, match="must be callable"):
+        _distiller(transport, tmp_path, out="c3", student_transform="RandGaussianNoise")
+
+
 def test_cards_that_disagree_name_the_sites(cls_sites, tmp_path):
     a = read_site_card(cls_sites[0][0])
     b = json.loads(json.dumps(a))
@@ -278,7 +298,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
         _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
                        {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
-                        "student_def#strides": [2, 2]}))
+                        "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0}))
     finally:
         for site_dir, _ in seg_sites:
             (Path(site_dir) / "site_policy.json").unlink()
@@ -287,6 +307,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 6, 16, 16, 16)
     assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg_sites)
+    assert card["layouts"]["options"]["foreground_crop"] == 1.0 and "RandBiasField" in card["student_transform"]
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 

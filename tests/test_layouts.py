@@ -175,3 +175,25 @@ def test_intensity_atlas_and_prior_follow_the_layouts():
     gen = LayoutGenerator(3, 1, [16, 16, 8], num_classes=3, features=(4, 4, 8, 8, 8, 4))
     x = gen(torch.randn(3, 8), layouts, prior.clamp(0.05, 0.95))
     assert (x - prior.clamp(0.05, 0.95)).abs().mean() < 0.1, "the generator starts at the prior image"
+
+
+def test_foreground_crops_are_centred_on_structures():
+    # a structure in one corner of a large frame: uniform 8^3 crops mostly miss it, foreground-centred ones never do
+    atlas = torch.zeros(2, 32, 32, 32)
+    atlas[0] = 1.0
+    atlas[:, 2:6, 2:6, 2:6] = torch.tensor([0.0, 1.0])[:, None, None, None]
+    rigid = dict(rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, texture=0.0, volume_jitter=0.0, crop_size=[8, 8, 8])
+    uniform = LayoutSampler(atlas, **rigid).sample(16, torch.Generator().manual_seed(0))
+    centred = LayoutSampler(atlas, foreground_crop=1.0, **rigid).sample(16, torch.Generator().manual_seed(0))
+    assert (centred > 0).flatten(1).any(1).all(), "every foreground-centred crop holds the structure"
+    assert (uniform > 0).flatten(1).any(1).float().mean() < 0.5
+    # the crop is moved inside the volume where the centre is near a border: windows of the full layout still
+    assert centred.shape == (16, 8, 8, 8)
+    half = LayoutSampler(atlas, foreground_crop=0.5, **rigid)
+    torch.testing.assert_close(half.sample(16, torch.Generator().manual_seed(3)), half.sample(16, torch.Generator().manual_seed(3)))
+    # a layout without foreground falls back to a uniform crop
+    empty = torch.zeros(2, 16, 16, 16)
+    empty[0] = 1.0
+    assert (LayoutSampler(empty, foreground_crop=1.0, **rigid).sample(2, torch.Generator().manual_seed(0)) == 0).all()
+    with pytest.raises(ValueError, match="foreground_crop"):
+        LayoutSampler(atlas, foreground_crop=1.5)

@@ -37,6 +37,9 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_ce_only": ((), {"weights#layout_dice": 0.0}),
     "layout_with_discriminators": ((), {"weights#realism": 0.5, "with_real_images": True}),
     "layout_rigid": ((), {"layout_options": {"rotate": 0.0, "scale": 0.0, "translate": 0.0, "elastic": 0.0, "texture": 0.0}}),
+    "layout_foreground_crops": ((), {"layout_options#foreground_crop": 2 / 3}),
+    "layout_student_augment": ((), {"student_augment": True}),
+    "layout_student_steps_6": ((), {"student_steps": 6}),
 }
 UPPER_BOUND = "real_inputs"
 

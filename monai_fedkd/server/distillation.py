@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from monai.utils import min_version, optional_import
+from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_fedkd import __version__
 from monai_fedkd.losses import (
@@ -143,6 +143,14 @@ class SampleCache:
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
 
 
+def _describe(transform) -> list[str] | str | None:
+    """The class names of a transform (of each of a ``Compose``'s transforms), for the central card."""
+    if transform is None:
+        return None
+    inner = getattr(transform, "transforms", None)
+    return [type(t).__name__ for t in inner] if inner is not None else type(transform).__name__
+
+
 def _hard(labels: torch.Tensor | None) -> torch.Tensor | None:
     """Class indices of (possibly soft) generator targets."""
     return labels.argmax(1) if labels is not None and labels.ndim == 2 else labels
@@ -214,6 +222,11 @@ class CentralDistillation:
             arguments of :class:`~monai_fedkd.server.layouts.LayoutSampler` (deformation, texture, volume jitter).
             Its layouts come from the class atlases the sites publish in their cards; the ensemble is asked to agree
             with them (``conditional_ce``, ``layout_dice``).
+        student_transform: a random transform (e.g. a MONAI ``Compose`` of intensity transforms) applied to each
+            channel-first input the student draws from the cache, with the ensemble's answer on the unchanged input
+            as its target; results are clipped to the sites' value range. Only label-preserving transforms belong
+            here (intensity, not spatial): the target is not transformed. It is reseeded every step (``seed`` and
+            the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
         max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
             as after ``iterations`` (the card records the steps done). ``None``: no budget. A resumed run counts
             from its restart.
@@ -250,6 +263,7 @@ class CentralDistillation:
         ensemble_weighting: str = "expertise",
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
+        student_transform=None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -315,6 +329,9 @@ class CentralDistillation:
             "diversity": DiversityLoss(weight=self.weights["diversity"]),
             "layout_dice": LayoutDiceLoss(weight=self.weights["layout_dice"]),
         }
+        if student_transform is not None and not callable(student_transform):
+            raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
+        self.student_transform = student_transform
         self.timing = {"server_s": 0.0, "student_s": 0.0}
 
     def _layout_sampler(self, options: Mapping | None) -> LayoutSampler:
@@ -511,8 +528,12 @@ class CentralDistillation:
         self.student.train()
         g = self._rng(step, 1)
         losses = []
+        if self.student_transform is not None and hasattr(self.student_transform, "set_random_state"):
+            self.student_transform.set_random_state(seed=(self.seed * 1_000_003 + step) % (2**32))
         for _ in range(self.student_steps):
             xb, pb = self.cache.sample(self.student_batch_size, g)
+            if self.student_transform is not None:
+                xb = self._transform_student_inputs(xb)
             loss = self.distill(self.student(xb.to(self.device)), pb.to(self.device))
             self.s_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -534,6 +555,17 @@ class CentralDistillation:
         engine.state.last_inputs = x.detach()
         engine.state.last_probs = probs.detach()
         return out
+
+    def _transform_student_inputs(self, xb: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.spec.get("value_range") or (float("-inf"), float("inf"))
+        out = []
+        for x in xb:
+            y = convert_to_tensor(self.student_transform(x), track_meta=False).float()
+            if y.shape != x.shape:
+                raise ValueError(f"student_transform changed an input's shape {tuple(x.shape)} to {tuple(y.shape)}: only "
+                                 "label-preserving (intensity) transforms keep the ensemble's answer a valid target")
+            out.append(y)
+        return torch.stack(out).clamp(lo, hi)
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def _write_montage(self, engine) -> None:
@@ -603,6 +635,7 @@ class CentralDistillation:
             "batch_size": self.batch_size,
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
+            "student_transform": _describe(self.student_transform),
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
                           "policy": self.policies[n].as_dict(), "privacy": privacy.get(n),

@@ -84,11 +84,15 @@ class LayoutSampler:
             random crop of this size out of a layout of the atlas's size (the anatomy keeps its scale).
         intensity: ``(*spatial_size)`` mean-intensity map (:func:`combined_intensity`); :meth:`sample_with_prior`
             deforms and crops it with each layout, as the generator's starting image.
+        foreground_crop: probability that a crop is centred on a random foreground voxel of its layout (as the
+            sites' own ``RandCropByPosNegLabeld`` samples their training patches; ``pos / (pos + neg)``), instead of
+            placed uniformly. Uniform crops of a large field of view are mostly background, where the ensemble's
+            answers teach the student little about the structures.
     """
 
     def __init__(self, atlas: torch.Tensor, rotate: float = 10.0, scale: float = 0.1, translate: float = 0.05,
                  elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2,
-                 crop_size: Sequence[int] | None = None, intensity: torch.Tensor | None = None) -> None:
+                 crop_size: Sequence[int] | None = None, intensity: torch.Tensor | None = None, foreground_crop: float = 0.0) -> None:
         if atlas.ndim not in (3, 4):
             raise ValueError(f"atlas must be (classes, H, W) or (classes, H, W, D), got {tuple(atlas.shape)}")
         for name, v in (("rotate", rotate), ("scale", scale), ("translate", translate), ("elastic", elastic), ("texture", texture)):
@@ -96,6 +100,9 @@ class LayoutSampler:
                 raise ValueError(f"layout {name} must be >= 0, got {v}")
         if not 0 <= volume_jitter < 1:
             raise ValueError(f"layout volume_jitter must be in [0, 1), got {volume_jitter}")
+        if not 0 <= foreground_crop <= 1:
+            raise ValueError(f"layout foreground_crop must be in [0, 1], got {foreground_crop}")
+        self.foreground_crop = float(foreground_crop)
         self.atlas = atlas.float()
         self.num_classes, self.spatial_size = atlas.shape[0], list(atlas.shape[1:])
         self.spatial_dims = len(self.spatial_size)
@@ -129,6 +136,19 @@ class LayoutSampler:
         coarse = torch.randn(n, channels, *[grid] * self.spatial_dims, generator=g)
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         return F.interpolate(coarse, size=self.spatial_size, mode=mode, align_corners=True)
+
+    def _crop_start(self, layout: torch.Tensor, g: torch.Generator) -> list[int]:
+        """Corner of one crop of ``layout``: centred on a random foreground voxel with probability
+        ``foreground_crop`` (moved inside the volume where the centre is near a border), else uniform."""
+        # both random draws happen whatever the outcome, so the stream (and a resumed run) does not depend on it
+        centred = float(torch.rand(1, generator=g)) < self.foreground_crop
+        uniform = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
+        pick = float(torch.rand(1, generator=g))
+        foreground = (layout > 0).nonzero()
+        if not centred or len(foreground) == 0:
+            return uniform
+        centre = foreground[min(int(pick * len(foreground)), len(foreground) - 1)].tolist()
+        return [min(max(int(p) - c // 2, 0), s - c) for p, c, s in zip(centre, self.crop_size, self.spatial_size)]
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` layouts ``(n, *crop_size)`` of class indices (``crop_size`` defaults to the atlas size)."""
@@ -166,7 +186,7 @@ class LayoutSampler:
             return layout, prior
         crops, prior_crops = [], []
         for b in range(n):
-            starts = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
+            starts = self._crop_start(layout[b], g)
             window = [slice(a, a + c) for a, c in zip(starts, self.crop_size)]
             crops.append(layout[(b, *window)])
             if prior is not None:
