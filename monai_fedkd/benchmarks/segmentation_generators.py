@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -40,6 +41,7 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_foreground_crops": ((), {"layout_options#foreground_crop": 2 / 3}),
     "layout_student_augment": ((), {"student_augment": True}),
     "layout_student_steps_6": ((), {"student_steps": 6}),
+    "layout_tv": ((), {"weights#tv": 1.0}),
 }
 UPPER_BOUND = "real_inputs"
 
@@ -158,11 +160,13 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                                             "montage_interval": 1_000_000, **overrides}, name=name, extra_configs=extra)
             card = json.loads((built[v] / "central_card.json").read_text())
             built[v] = (built[v], time.perf_counter() - t0, card)
-        eval_dir = run_dir / "eval_generators"
+        # one evaluation folder per budget and set of variants: runs of other variants may evaluate at the same time
+        tag = f"{seconds:.0f}s_" + "_".join(sorted(variants))
+        eval_dir = run_dir / f"eval_generators_{tag}"
         cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
                                                              "output_dir": str(eval_dir), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
                                                              "ensemble": True})
-        _run_logged(cmd, run_dir / "eval_generators.log", "evaluation")
+        _run_logged(cmd, run_dir / f"eval_generators_{tag}.log", "evaluation")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         sites = [m for m, meta in metrics["meta"]["models"].items() if meta["role"] == "site"]
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
@@ -181,10 +185,24 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 if layout.is_file():
                     shutil.copyfile(layout, folder / f"{v}_{seconds:.0f}s_seed{seed}_layout.png")
         if out_json is not None:
+            results = _merge_published(out_json, results)
             out_json.parent.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps(results, indent=2) + "\n")
+            tmp = out_json.with_name(f".{out_json.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(tmp, out_json)
             write_markdown(results, Path(docs) / "results.md")
     return results
+
+
+def _merge_published(out_json: Path, results: dict) -> dict:
+    """``results`` with the runs published since this run started (another variant's process) kept: only runs of
+    the same seed, variant and budget are replaced."""
+    if not out_json.is_file():
+        return results
+    old = json.loads(out_json.read_text())
+    mine = {(r["seed"], r["variant"], r.get("seconds")) for r in results["runs"]}
+    kept = [r for r in old["runs"] if (r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) not in mine]
+    return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + results["runs"]}
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
