@@ -459,3 +459,21 @@ def test_has_batchnorm():
     assert not has_batchnorm(unet)
     assert bn_statistics_loss(unet, torch.randn(1, 1, 8, 8, 8)) is None
     assert has_batchnorm(_BNNet())
+
+
+def test_contrast_counts_silence_sites_of_one_class():
+    from monai_fedkd.losses import contrast_counts, site_weights
+
+    # Dirichlet alpha 0.1: two sites of one class each, one mixed site, one that withholds its counts
+    counts = [[959, 0], [0, 3412], [254, 30], None]
+    contrast = contrast_counts(counts)
+    assert contrast[0] == [0.0, 0.0] and contrast[1] == [0.0, 0.0] and contrast[3] is None
+    assert contrast[2] == pytest.approx([2 * 254 * 30 / 284] * 2)
+    assert contrast_counts([[50, 50]])[0] == [50.0, 50.0], "a balanced site keeps its size"
+    w = site_weights(contrast, 2)
+    # by counts the one-class sites would own their class; by contrast the mixed site and the withheld one share it
+    assert site_weights(counts, 2)[1, 1] > 0.7 and w[1, 1] == 0
+    torch.testing.assert_close(w[2], torch.tensor([0.75, 0.75]))
+    torch.testing.assert_close(w[3], torch.tensor([0.25, 0.25]))
+    # no site contrasts any class: every site counts the same
+    torch.testing.assert_close(site_weights(contrast_counts([[5, 0], [0, 7]]), 2), torch.full((2, 2), 0.5))

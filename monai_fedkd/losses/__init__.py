@@ -2,7 +2,8 @@
 
 Modules:
 
-* :mod:`.ensemble` — expertise weights from class counts (:func:`site_weights`, :func:`withheld_sites`),
+* :mod:`.ensemble` — expertise weights from class counts (:func:`site_weights`, :func:`withheld_sites`,
+  :func:`contrast_counts` for sites that saw a class against the others),
   pooled class prior (:func:`class_prior_from_counts`), class-share weighted ensemble
   (:func:`ensemble_log_probabilities`, :func:`ensemble_probabilities`);
 * :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
@@ -26,7 +27,7 @@ from .distillation import (
     entropy,
     generalized_js_divergence,
 )
-from .ensemble import class_prior_from_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
+from .ensemble import class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
 from .priors import BatchNormStatisticsLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "generalized_js_divergence",
     "has_batchnorm",
     "site_weights",
+    "contrast_counts",
     "withheld_sites",
 ]

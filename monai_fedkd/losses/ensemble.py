@@ -16,6 +16,7 @@ from ._utils import check_temperature, stack_sites
 
 __all__ = [
     "site_weights",
+    "contrast_counts",
     "withheld_sites",
     "class_prior_from_counts",
     "ensemble_log_probabilities",
@@ -82,6 +83,26 @@ def site_weights(class_counts: Sequence[Sequence[float] | None], num_classes: in
         proportional = share * stacked / torch.where(has, total, torch.ones_like(total))
         weights[known] = torch.where(has.unsqueeze(0), proportional, weights[known])
     return weights.to(torch.get_default_dtype())
+
+
+def contrast_counts(class_counts: Sequence[Sequence[float] | None]) -> list[list[float] | None]:
+    """How much each site saw of each class *against the others*: ``2 n[k, c] (n[k] - n[k, c]) / n[k]``.
+
+    A site's class count says how much it knows of a class only if it also saw other classes: a site trained on
+    one class alone answers that class for every input, and weighting it by its count makes the ensemble say that
+    class everywhere (extreme label skew, e.g. Dirichlet alpha 0.1). The harmonic-mean form is ``n[k]`` for a
+    balanced site, ``~2 n[k, c]`` for a rare class and 0 for a site of one class. Withheld counts stay ``None``;
+    :func:`site_weights` of these values weights every site alike in a class that no site contrasts.
+    """
+    out: list[list[float] | None] = []
+    for c in class_counts:
+        if c is None:
+            out.append(None)
+            continue
+        arr = torch.as_tensor(c, dtype=torch.float64).reshape(-1)
+        total = float(arr.sum())
+        out.append([0.0] * arr.numel() if total <= 0 else (2 * arr * (total - arr) / total).tolist())
+    return out
 
 
 def class_prior_from_counts(class_counts: Sequence[Sequence[float] | None], num_classes: int | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ from monai_fedkd.losses import (
     LayoutDiceLoss,
     TotalVariationLoss,
     class_prior_from_counts,
+    contrast_counts,
     ensemble_log_probabilities,
     site_weights,
 )
@@ -213,7 +214,9 @@ class CentralDistillation:
         drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping. A site
             whose query budget (its policy) runs out always leaves the run; fewer than ``min_sites`` left stops it.
         ensemble_weighting: ``"expertise"`` (each site weighted per class by its share of that class, from the cards)
-            or ``"mean"`` (every site the same: the ablation without expertise weights, and DENSE's ensemble).
+            , ``"contrast"`` (by what each site saw of the class against the others, :func:`~monai_fedkd.losses.contrast_counts`:
+            a site of one class gets no say, for extreme label skew) or ``"mean"`` (every site the same: the ablation
+            without expertise weights, and DENSE's ensemble).
         zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
@@ -293,8 +296,8 @@ class CentralDistillation:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
         self.boundary_fraction = float(boundary_fraction)
 
-        if ensemble_weighting not in ("expertise", "mean"):
-            raise ValueError(f"ensemble_weighting must be 'expertise' or 'mean', got {ensemble_weighting!r}")
+        if ensemble_weighting not in ("expertise", "contrast", "mean"):
+            raise ValueError(f"ensemble_weighting must be 'expertise', 'contrast' or 'mean', got {ensemble_weighting!r}")
         self.ensemble_weighting = ensemble_weighting
         self.cards = transport.site_cards()
         self.spec = check_site_cards(self.cards)
@@ -363,7 +366,8 @@ class CentralDistillation:
             logger.warning("sites %s withhold class counts: weighted equally in every class", withheld)
         if self.ensemble_weighting == "mean":  # every site counts the same in every class (ablation, DENSE)
             counts = [None] * len(counts)
-        self.expertise = site_weights(counts, self.num_classes).to(self.device)  # (K, N), columns sum to one
+        weighted = contrast_counts(counts) if self.ensemble_weighting == "contrast" else counts
+        self.expertise = site_weights(weighted, self.num_classes).to(self.device)  # (K, N), columns sum to one
         if self.task == "segmentation":
             self.class_prior = class_prior_from_counts(counts, self.num_classes).to(self.device)
         else:
