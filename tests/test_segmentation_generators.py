@@ -32,14 +32,16 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
         dice = r["pooled"]["mean_dice"]
         assert dice is not None and math.isfinite(dice) and 0.0 <= dice <= 1.0, r
         assert r["steps"] >= 1 and r["reference"]["ensemble_weighted"]["mean_dice"] is not None
+        assert 0.0 <= r["validation"]["mean_dice"] <= 1.0, "variants are chosen on the sites' validation splits"
+        assert len(r["sites_sha256"]) == 64
     layout = next(r for r in written["runs"] if r["variant"] == "layout")
     assert 0.0 <= layout["generator/layout_agreement"] <= 1.0
     assert (docs / "results" / "segmentation_generators" / "layout_3s_seed0_layout.png").is_file()
     assert "## 3D segmentation generators: tiny_seg" in (docs / "results.md").read_text()
     # another variant run later (or by another process at the same time) adds its records and keeps the others
-    run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["layout_student_augment"], docs=docs)
+    run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["layout_fg_student_augment"], docs=docs)
     merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
-    assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_student_augment"])
+    assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_fg_student_augment"])
     with pytest.raises(ValueError, match="unknown generator variants"):
         run(config, variants=["no_such_variant"], docs=None)
     assert set(VARIANTS) >= {"layout", "unconditional"}

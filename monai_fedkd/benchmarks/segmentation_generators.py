@@ -16,6 +16,7 @@ layout variants also the layouts) and a section of ``docs/results.md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -39,9 +40,13 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_with_discriminators": ((), {"weights#realism": 0.5, "with_real_images": True}),
     "layout_rigid": ((), {"layout_options": {"rotate": 0.0, "scale": 0.0, "translate": 0.0, "elastic": 0.0, "texture": 0.0}}),
     "layout_foreground_crops": ((), {"layout_options#foreground_crop": 2 / 3}),
-    "layout_student_augment": ((), {"student_augment": True}),
-    "layout_student_steps_6": ((), {"student_steps": 6}),
-    "layout_tv": ((), {"weights#tv": 1.0}),
+    # each of these adds one thing to layout_foreground_crops
+    "layout_fg_student_augment": ((), {"layout_options#foreground_crop": 2 / 3, "student_augment": True}),
+    "layout_fg_student_steps_6": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6}),
+    "layout_fg_tv": ((), {"layout_options#foreground_crop": 2 / 3, "weights#tv": 1.0}),
+    # and these to layout_fg_student_steps_6
+    "layout_fg_student_steps_12": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 12}),
+    "layout_fg_student_steps_6_tv": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#tv": 1.0}),
 }
 UPPER_BOUND = "real_inputs"
 
@@ -136,10 +141,12 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         results["runs"] = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]
         results["runs"] = [r for r in results["runs"] if (r["seed"], r["variant"], r["seconds"]) not in rerun]
         results["variants"] = {**old.get("variants", {}), **results["variants"]}
+    produced: list[dict] = []  # the records this call made (the others were read from the published file)
     for seed in seeds or cfg["seeds"]:
         run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         if info["task"] != "segmentation":
             raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
+        sites_sha256 = _sites_checksum(site_dirs)
         built = {}
         for v in variants:
             name = f"generator_{v}_{seconds:.0f}s"  # one folder per variant and budget
@@ -168,13 +175,23 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                                                              "ensemble": True})
         _run_logged(cmd, run_dir / f"eval_generators_{tag}.log", "evaluation")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
+        # variants are chosen on the sites' validation splits, never on test: both are recorded
+        val_dir = run_dir / f"eval_generators_{tag}_validation"
+        cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
+                                                             "output_dir": str(val_dir), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
+                                                             "ensemble": True, "test_key": "validation"})
+        _run_logged(cmd, run_dir / f"eval_generators_{tag}_validation.log", "validation evaluation")
+        validation = json.loads((val_dir / "metrics.json").read_text())
         sites = [m for m, meta in metrics["meta"]["models"].items() if meta["role"] == "site"]
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
-            record = {"seed": seed, "variant": v, "seconds": seconds, "pooled": metrics[v]["pooled"], "steps": card["iterations"], "wall_s": wall,
+            record = {"seed": seed, "variant": v, "seconds": seconds, "sites_sha256": sites_sha256, "pooled": metrics[v]["pooled"],
+                      "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
+                      "steps": card["iterations"], "wall_s": wall,
                       "reference": reference, **_scalars(d, ["generator/layout_agreement", "generator/foreground_fraction", "student/distillation"])}
             results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r["variant"] == v and r.get("seconds") == seconds)] + [record]
+            produced.append(record)
             montages = sorted((d / "montages").glob("iter_*.png"))
             if docs is not None and montages:
                 folder = Path(docs) / "results" / "segmentation_generators"
@@ -185,7 +202,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 if layout.is_file():
                     shutil.copyfile(layout, folder / f"{v}_{seconds:.0f}s_seed{seed}_layout.png")
         if out_json is not None:
-            results = _merge_published(out_json, results)
+            results = _merge_published(out_json, results, produced)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             tmp = out_json.with_name(f".{out_json.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -194,15 +211,28 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
     return results
 
 
-def _merge_published(out_json: Path, results: dict) -> dict:
-    """``results`` with the runs published since this run started (another variant's process) kept: only runs of
-    the same seed, variant and budget are replaced."""
+def _sites_checksum(site_dirs) -> str:
+    """sha256 over the site models: records of one seed are comparable only when made from the same sites."""
+    h = hashlib.sha256()
+    for d in sorted(Path(d) for d in site_dirs):
+        h.update((d / "models" / "model.pt").read_bytes())
+    return h.hexdigest()
+
+
+def _merge_published(out_json: Path, results: dict, produced: list[dict]) -> dict:
+    """The published runs (including those another variant's process wrote since this one started) with the runs
+    this call ``produced`` in place of those of the same seed, variant and budget."""
     if not out_json.is_file():
-        return results
+        return {**results, "runs": list(results["runs"])}
     old = json.loads(out_json.read_text())
-    mine = {(r["seed"], r["variant"], r.get("seconds")) for r in results["runs"]}
+    mine = {(r["seed"], r["variant"], r["seconds"]) for r in produced}
+    sites = {r["seed"]: r["sites_sha256"] for r in produced}
     kept = [r for r in old["runs"] if (r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) not in mine]
-    return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + results["runs"]}
+    stale = [r for r in kept if r["seed"] in sites and r.get("sites_sha256") != sites[r["seed"]]]
+    if stale:  # the sites of that seed were trained anew since: those variants are not comparable any more
+        logger.warning("dropping %d published runs made from other site models: %s", len(stale), sorted({r["variant"] for r in stale}))
+        kept = [r for r in kept if r not in stale]
+    return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + produced}
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -216,16 +246,23 @@ def write_markdown(results: dict, page: Path) -> None:
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
     ref = results["runs"][0]["reference"] if results["runs"] else None
     lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
-             "Pooled test Dice of the central model per generator variant and distillation budget (mean over seeds; per-class Dice "
-             "of the foreground classes). Same sites and split for every variant; variants of one budget ran one at a time.", "",
-             "| variant | seeds | mean Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
-             "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
+             "Pooled Dice of the central model per generator variant and distillation budget, mean over seeds: on the sites' validation "
+             "splits (what variants are chosen by) and on their test splits (reported, never chosen by), with the test Dice per "
+             "foreground class. Same sites and split for every variant.", "",
+             "| variant | seeds | validation Dice | test Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
+             "|---|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
-    for v, rs in sorted(by_variant.items(), key=lambda kv: -mean([r["pooled"]["mean_dice"] or 0 for r in kv[1]])):
+    def rank(rs):  # by validation Dice where recorded
+        val = [r["validation"]["mean_dice"] for r in rs if r.get("validation")]
+        return -(mean(val) if val else mean([r["pooled"]["mean_dice"] or 0 for r in rs]))
+
+    for v, rs in sorted(by_variant.items(), key=lambda kv: rank(kv[1])):
         per_class = [mean([r["pooled"]["dice"].get(c) for r in rs if r["pooled"]["dice"].get(c) is not None]) for c in classes]
         ld = [r["generator/layout_agreement"] for r in rs if "generator/layout_agreement" in r]
         fg = [r["generator/foreground_fraction"] for r in rs if "generator/foreground_fraction" in r]
-        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
+        val = [r["validation"]["mean_dice"] for r in rs if r.get("validation")]
+        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | " + (f"{mean(val):.3f}" if val else "–")
+                     + f" | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
                      + " | ".join(f"{x:.3f}" for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
                      + (f"{mean([r['wall_s'] for r in rs if r.get('wall_s')]):.0f}" if any(r.get("wall_s") for r in rs) else "–") + " | "
                      + (f"{mean(ld):.3f}" if ld else "–") + " | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
