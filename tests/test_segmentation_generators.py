@@ -45,3 +45,20 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
     with pytest.raises(ValueError, match="unknown generator variants"):
         run(config, variants=["no_such_variant"], docs=None)
     assert set(VARIANTS) >= {"layout", "unconditional"}
+
+
+def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
+    from monai_fedkd.benchmarks.segmentation_generators import _merge_published
+
+    def rec(variant, seconds, sites, dice):
+        return {"seed": 0, "variant": variant, "seconds": seconds, "sites_sha256": sites, "pooled": {"mean_dice": dice}}
+
+    out = tmp_path / "published.json"
+    published = {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.1), rec("b", 60.0, "s1", 0.2), rec("a", 600.0, "s1", 0.3)]}
+    out.write_text(json.dumps(published))
+    # a process that started before "b" was published reruns "a" at 60 s: "b" and the 600 s run stay
+    merged = _merge_published(out, {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.1)]}, [rec("a", 60.0, "s1", 0.5)])
+    assert sorted((r["variant"], r["seconds"], r["pooled"]["mean_dice"]) for r in merged["runs"]) == [("a", 60.0, 0.5), ("a", 600.0, 0.3), ("b", 60.0, 0.2)]
+    # the sites of seed 0 were trained anew: what was made from the old ones is dropped
+    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": []}, [rec("c", 60.0, "s2", 0.4)])
+    assert [(r["variant"], r["sites_sha256"]) for r in merged["runs"]] == [("c", "s2")]

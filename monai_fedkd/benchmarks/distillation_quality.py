@@ -118,10 +118,10 @@ def write_markdown(results: list[dict], path: Path) -> None:
     notes = path.parent / "results" / "notes.md"  # hand-written context kept across regenerations
     if notes.is_file():
         lines += [notes.read_text()]
-    if path.is_file():  # the benchmark suite's sections (monai-fedkd bench) are kept as they are
+    if path.is_file():  # the sections other benchmarks write (monai-fedkd bench, the generator comparison) are kept
         import re
 
-        lines += re.findall(r"<!-- suite:[^:]+:start -->.*?<!-- suite:[^:]+:end -->", path.read_text(), flags=re.S)
+        lines += [m.group(0) for m in re.finditer(r"<!-- (\w+):([^:]+):start -->.*?<!-- \1:\2:end -->", path.read_text(), flags=re.S)]
     path.write_text("\n".join(lines))
 
 
