@@ -71,3 +71,27 @@ def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
     merged = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1], "runs": [r1b], "records": [rec1b]})
     assert merged["seeds"] == [0, 1] and [r["value"] for r in merged["records"]] == [0.8, 0.9]
     assert _earlier_seeds(tmp_path, "b", "another config", [1]) is None  # results of another config are never mixed in
+
+
+def test_tiny_segmentation_benchmark_runs_every_method(tmp_path):
+    """The IXI path of the suite (segmentation sites, DENSE and ours with layouts, FedAvg and centralized on label maps)."""
+    require("ixi_hh", "t1")
+    config = tmp_path / "tiny_seg.json"
+    config.write_text(json.dumps({
+        "name": "tiny_seg", "dataset": "ixi", "num_sites": 2, "partition": {"method": "acquisition"}, "max_per_split": 4, "seeds": [0],
+        "methods": list(METHODS),
+        # the tiny sites hold 2 training subjects; their own policy lets them share an atlas of 2 (the default asks for 5)
+        "site_overrides": {"spacing": [6.0, 6.0, 6.0], "spatial_size": [16, 16, 16], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
+                           "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "answer_policy": {"atlas_min_subjects": 1}},
+        "central_overrides": {"iterations": 2, "batch_size": 2, "student_batch_size": 2, "student_steps": 1},
+        "fedavg": {"rounds": 1, "local_epochs": 1}}))
+    docs = tmp_path / "docs"
+    run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs)
+    written = json.loads((docs / "results" / "tiny_seg.json").read_text())
+    assert written["runs"][0]["primary_metric"] == "mean_dice"
+    pooled = {r["method"]: r["value"] for r in written["records"] if r["test_set"] == "pooled" and r["metric"] == "mean_dice"}
+    assert {"local", "ensemble_mean", "ensemble_weighted"} | (set(METHODS) - {"local", "ensemble"}) <= set(pooled)
+    for method, value in pooled.items():
+        assert value is not None and math.isfinite(value) and 0.0 <= value <= 1.0, (method, value)
+    per_class = {r["metric"] for r in written["records"] if r["method"] == "ours" and r["metric"].startswith("dice/")}
+    assert len(per_class) == 5, per_class  # Dice of every foreground class, not only the mean
