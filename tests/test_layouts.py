@@ -187,7 +187,7 @@ def test_foreground_crops_are_centred_on_structures():
     centred = LayoutSampler(atlas, foreground_crop=1.0, **rigid).sample(16, torch.Generator().manual_seed(0))
     assert (centred > 0).flatten(1).any(1).all(), "every foreground-centred crop holds the structure"
     assert (uniform > 0).flatten(1).any(1).float().mean() < 0.5
-    # the crop is moved inside the volume where the centre is near a border: windows of the full layout still
+    # a centre near the border moves the crop inside the volume: every crop keeps its size
     assert centred.shape == (16, 8, 8, 8)
     half = LayoutSampler(atlas, foreground_crop=0.5, **rigid)
     torch.testing.assert_close(half.sample(16, torch.Generator().manual_seed(3)), half.sample(16, torch.Generator().manual_seed(3)))

@@ -57,8 +57,8 @@ def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
     published = {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.1), rec("b", 60.0, "s1", 0.2), rec("a", 600.0, "s1", 0.3)]}
     out.write_text(json.dumps(published))
     # a process that started before "b" was published reruns "a" at 60 s: "b" and the 600 s run stay
-    merged = _merge_published(out, {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.1)]}, [rec("a", 60.0, "s1", 0.5)])
+    merged = _merge_published(out, {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.5)]})
     assert sorted((r["variant"], r["seconds"], r["pooled"]["mean_dice"]) for r in merged["runs"]) == [("a", 60.0, 0.5), ("a", 600.0, 0.3), ("b", 60.0, 0.2)]
     # the sites of seed 0 were trained anew: what was made from the old ones is dropped
-    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": []}, [rec("c", 60.0, "s2", 0.4)])
+    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [rec("c", 60.0, "s2", 0.4)]})
     assert [(r["variant"], r["sites_sha256"]) for r in merged["runs"]] == [("c", "s2")]

@@ -135,13 +135,6 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
     out_json = None if docs is None else Path(docs) / "results" / f"segmentation_generators_{cfg['name']}.json"
     results = {"benchmark": cfg["name"], "seconds_per_variant": seconds, "variants": {v: {"configs": list(VARIANTS[v][0]), "overrides": VARIANTS[v][1]}
                                                                                         for v in variants if v in VARIANTS}, "runs": []}
-    if out_json is not None and out_json.is_file():  # what ran before is kept, unless rerun now (same seed, variant, budget)
-        old = json.loads(out_json.read_text())
-        rerun = {(s, v, seconds) for s in (seeds or cfg["seeds"]) for v in variants}
-        results["runs"] = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]
-        results["runs"] = [r for r in results["runs"] if (r["seed"], r["variant"], r["seconds"]) not in rerun]
-        results["variants"] = {**old.get("variants", {}), **results["variants"]}
-    produced: list[dict] = []  # the records this call made (the others were read from the published file)
     for seed in seeds or cfg["seeds"]:
         run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         if info["task"] != "segmentation":
@@ -171,19 +164,17 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
             built[v] = (built[v], time.perf_counter() - t0, card)
         # one evaluation folder per budget and set of variants: runs of other variants may evaluate at the same time
         tag = f"{seconds:.0f}s_" + "_".join(sorted(variants))
-        eval_dir = run_dir / f"eval_generators_{tag}"
-        cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
-                                                             "output_dir": str(eval_dir), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
-                                                             "ensemble": True})
-        _run_logged(cmd, run_dir / f"eval_generators_{tag}.log", "evaluation")
-        metrics = json.loads((eval_dir / "metrics.json").read_text())
+
+        def evaluate(key: str) -> dict:
+            out = run_dir / f"eval_generators_{tag}" if key == "test" else run_dir / f"eval_generators_{tag}_{key}"
+            cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
+                                                                 "output_dir": str(out), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
+                                                                 "ensemble": True, "test_key": key})
+            _run_logged(cmd, out.with_suffix(".log"), f"{key} evaluation")
+            return json.loads((out / "metrics.json").read_text())
+
         # variants are chosen on the sites' validation splits, never on test: both are recorded
-        val_dir = run_dir / f"eval_generators_{tag}_validation"
-        cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
-                                                             "output_dir": str(val_dir), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
-                                                             "ensemble": True, "test_key": "validation"})
-        _run_logged(cmd, run_dir / f"eval_generators_{tag}_validation.log", "validation evaluation")
-        validation = json.loads((val_dir / "metrics.json").read_text())
+        metrics, validation = evaluate("test"), evaluate("validation")
         sites = [m for m, meta in metrics["meta"]["models"].items() if meta["role"] == "site"]
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
@@ -192,8 +183,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                       "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
                       "steps": card["iterations"], "wall_s": wall,
                       "reference": reference, **_scalars(d, ["generator/layout_agreement", "generator/foreground_fraction", "student/distillation"])}
-            results["runs"] = [r for r in results["runs"] if not (r["seed"] == seed and r["variant"] == v and r.get("seconds") == seconds)] + [record]
-            produced.append(record)
+            results["runs"].append(record)
             montages = sorted((d / "montages").glob("iter_*.png"))
             if docs is not None and montages:
                 folder = Path(docs) / "results" / "segmentation_generators"
@@ -204,13 +194,13 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 if layout.is_file():
                     shutil.copyfile(layout, folder / f"{v}_{seconds:.0f}s_seed{seed}_layout.png")
         if out_json is not None:
-            results = _merge_published(out_json, results, produced)
+            published = _merge_published(out_json, results)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             tmp = out_json.with_name(f".{out_json.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.write_text(json.dumps(published, indent=2) + "\n")
             os.replace(tmp, out_json)
-            write_markdown(results, Path(docs) / "results.md")
-    return results
+            write_markdown(published, Path(docs) / "results.md")
+    return published if out_json is not None else results
 
 
 def _sites_checksum(site_dirs) -> str:
@@ -221,15 +211,17 @@ def _sites_checksum(site_dirs) -> str:
     return h.hexdigest()
 
 
-def _merge_published(out_json: Path, results: dict, produced: list[dict]) -> dict:
+def _merge_published(out_json: Path, results: dict) -> dict:
     """The published runs (including those another variant's process wrote since this one started) with the runs
-    this call ``produced`` in place of those of the same seed, variant and budget."""
+    this call made (``results["runs"]``) in place of those of the same seed, variant and budget."""
+    produced = results["runs"]
     if not out_json.is_file():
-        return {**results, "runs": list(results["runs"])}
+        return {**results, "runs": list(produced)}
     old = json.loads(out_json.read_text())
     mine = {(r["seed"], r["variant"], r["seconds"]) for r in produced}
     sites = {r["seed"]: r["sites_sha256"] for r in produced}
-    kept = [r for r in old["runs"] if (r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) not in mine]
+    kept = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]  # early records named their budget once
+    kept = [r for r in kept if (r["seed"], r["variant"], r["seconds"]) not in mine]
     stale = [r for r in kept if r["seed"] in sites and r.get("sites_sha256") != sites[r["seed"]]]
     if stale:  # the sites of that seed were trained anew since: those variants are not comparable any more
         logger.warning("dropping %d published runs made from other site models: %s", len(stale), sorted({r["variant"] for r in stale}))

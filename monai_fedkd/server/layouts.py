@@ -144,8 +144,10 @@ class LayoutSampler:
         centred = float(torch.rand(1, generator=g)) < self.foreground_crop
         uniform = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
         pick = float(torch.rand(1, generator=g))
+        if not centred:
+            return uniform
         foreground = (layout > 0).nonzero()
-        if not centred or len(foreground) == 0:
+        if len(foreground) == 0:
             return uniform
         centre = foreground[min(int(pick * len(foreground)), len(foreground) - 1)].tolist()
         return [min(max(int(p) - c // 2, 0), s - c) for p, c, s in zip(centre, self.crop_size, self.spatial_size)]
