@@ -341,5 +341,14 @@ def test_segmentation_site_publishes_the_atlas_its_policy_allows(seg_sites):
     torch.testing.assert_close(t.sum(0), torch.ones(atlas["grid"]), atol=1e-3, rtol=0)
     assert float(t[1:].sum()) > 0, "the atlas holds the site's structures"
     assert site.stats.bytes_sent >= 4 * len(atlas["probabilities"])  # shared information is counted
+    assert atlas["align"] == "foreground"
+    site.set_policy(AnswerPolicy(atlas_min_subjects=1, atlas_pool=4, atlas_align="centre"))  # accumulated anew
+    centred = atlas_tensor(site.card["atlas"], site.card["classes"]["num_classes"])
+    assert site.card["atlas"]["align"] == "centre" and not torch.equal(centred, t)
     site.set_policy(AnswerPolicy(share_atlas=False, atlas_min_subjects=1))
     assert "atlas" not in site.card
+    # a simulation plays the site's decision through `policy`; fields it leaves out stay the site's own
+    played = QuerySite(site_dir, atlas_datalist=datalist, policy={"atlas_min_subjects": 1, "atlas_align": "centre"})
+    assert played.card["answer_policy"]["atlas_align"] == "centre" and played.card["answer_policy"]["atlas_pool"] == 2
+    torch.testing.assert_close(atlas_tensor(played.card["atlas"], played.card["classes"]["num_classes"]).sum(0),
+                               torch.ones(played.card["atlas"]["grid"]), atol=1e-3, rtol=0)

@@ -27,7 +27,7 @@ def _cube_labels(n: int, size=(12, 12, 8)) -> list[torch.Tensor]:
 
 
 def test_atlas_is_the_subject_mean_in_the_patch_frame():
-    acc = AtlasAccumulator(3, [12, 12, 8])
+    acc = AtlasAccumulator(3, [12, 12, 8], align="centre")
     for lab in _cube_labels(4):
         acc.add(lab)
     mean = acc.mean()
@@ -37,7 +37,7 @@ def test_atlas_is_the_subject_mean_in_the_patch_frame():
     # the frame is the first subject's size (at least the patch size); other sizes are centre-cropped / padded
     big = torch.zeros(1, 14, 12, 10, dtype=torch.long)
     big[0, 1 + 8, 8, 1 + 4] = 2
-    acc2 = AtlasAccumulator(3, [12, 12, 8])
+    acc2 = AtlasAccumulator(3, [12, 12, 8], align="centre")
     acc2.add(_cube_labels(1)[0])
     acc2.add(big)
     assert acc2.spatial_size == [12, 12, 8] and acc2.mean()[2, 8, 8, 4] == 1.0
@@ -46,6 +46,53 @@ def test_atlas_is_the_subject_mean_in_the_patch_frame():
     assert acc3.spatial_size == [16, 12, 8], "the whole field of view, never smaller than the patch"
     with pytest.raises(ValueError, match="outside"):
         acc2.add(torch.full((1, 12, 12, 8), 3))
+
+
+def _shifted_subject(shift, size=(20, 20, 12)):
+    """One subject's anatomy (a box of class 1 beside a box of class 2) and its image, translated by ``shift``."""
+    lab = torch.zeros(1, *size, dtype=torch.long)
+    x, y, z = 6 + shift[0], 6 + shift[1], 3 + shift[2]
+    lab[0, x:x + 4, y:y + 4, z:z + 4] = 1
+    lab[0, x + 4:x + 6, y:y + 4, z:z + 4] = 2
+    return lab, 0.5 * (lab > 0).float() + 0.1
+
+
+def test_foreground_aligned_atlas_is_sharp_where_centre_alignment_blurs():
+    shifts = [(0, 0, 0), (3, -2, 1), (-2, 3, -1), (4, 1, 2)]
+    sharp, blurred = AtlasAccumulator(3, [16, 16, 8]), AtlasAccumulator(3, [16, 16, 8], align="centre")
+    assert sharp.align == "foreground", "the default aligns the structures"
+    for s in shifts:
+        lab, img = _shifted_subject(s)
+        sharp.add(lab, img)
+        blurred.add(lab, img)
+    a, b = sharp.mean(), blurred.mean()
+    assert sharp.spatial_size == [20, 20, 12]
+    # every subject's anatomy lands on the same voxels: probabilities are 0 or 1, the class volumes are kept
+    assert float(a[1:].max()) == 1.0 and bool(((a == 0) | (a == 1)).all())
+    assert a[1].sum() == 64 and a[2].sum() == 32
+    assert float(b[1].max()) < 1.0, "centre alignment averages shifted anatomy into a blur"
+    # the structures' centroid sits at the frame centre, and the image moved with its labels
+    centroid = (a[1:].sum(0) > 0).nonzero().float().mean(0)
+    assert torch.allclose(centroid, torch.tensor([10.0, 10.0, 6.0]), atol=0.51)
+    image, structures = sharp.mean_image(), a[1:].sum(0) > 0
+    assert bool(((image - 0.6).abs() < 1e-6)[structures].all()) and bool((image < 0.11)[~structures].all())
+    # a subject without structures keeps its volume centre; shifts beyond the frame pad with background
+    empty = AtlasAccumulator(3, [16, 16, 8])
+    empty.add(torch.zeros(1, 20, 20, 12, dtype=torch.long))
+    empty.add(_shifted_subject((6, 6, 3))[0])
+    torch.testing.assert_close(empty.mean().sum(0), torch.ones(20, 20, 12))
+    assert publish_atlas(sharp, AnswerPolicy(atlas_min_subjects=1), None)["align"] == "foreground"
+    # 2D sites alike: shifted squares land on the same pixels
+    flat = AtlasAccumulator(2, [12, 12])
+    for dx, dy in [(0, 0), (3, -2), (-1, 4)]:
+        lab = torch.zeros(1, 16, 16, dtype=torch.long)
+        lab[0, 5 + dx:9 + dx, 5 + dy:9 + dy] = 1
+        flat.add(lab)
+    assert flat.mean()[1].sum() == 16 and float(flat.mean()[1].max()) == 1.0
+    with pytest.raises(ValueError, match="align"):
+        AtlasAccumulator(3, [16, 16, 8], align="registration")
+    with pytest.raises(PolicyError, match="atlas_align"):
+        AnswerPolicy(atlas_align="affine")
 
 
 def test_published_atlas_is_what_the_policy_allows():
@@ -157,7 +204,7 @@ def test_layout_crops_keep_the_anatomy_at_its_scale():
 def test_intensity_atlas_and_prior_follow_the_layouts():
     from monai_fedkd.site.atlas import atlas_intensity
 
-    acc = AtlasAccumulator(3, [12, 12, 8])
+    acc = AtlasAccumulator(3, [12, 12, 8], align="centre")  # whole-frame images: no padding from a shift
     for k, lab in enumerate(_cube_labels(6)):
         acc.add(lab, torch.full((1, 12, 12, 8), float(k)))  # subject k: constant intensity k
     atlas = publish_atlas(acc, AnswerPolicy(), None)

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
-from monai_fedkd.benchmarks.segmentation_generators import UPPER_BOUND, VARIANTS, run
+from monai_fedkd.benchmarks.segmentation_generators import UPPER_BOUND, VARIANTS, atlas_layout_match, run
+from monai_fedkd.benchmarks.suite import load_config, prepare_sites
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +43,12 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
     run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["layout_fg_student_augment"], docs=docs)
     merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
     assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_fg_student_augment"])
+    # the atlas check: leave-one-out layouts of every alignment and cell size, scored against the subject left out
+    _, site_dirs, site_files, _ = prepare_sites(load_config(config), 0, os.path.relpath(tmp_path / "runs"), SHARED_DATA)
+    match = atlas_layout_match(site_dirs, site_files)
+    assert match["subjects"] == sum(len(json.loads(f.read_text())["training"]) for f in site_files)
+    assert sorted((r["align"], r["pool"]) for r in match["runs"]) == [("centre", 1), ("centre", 2), ("foreground", 1), ("foreground", 2)]
+    assert all(0.0 <= d <= 1.0 for r in match["runs"] for d in [r["mean_dice"], *r["dice"].values()])
     with pytest.raises(ValueError, match="unknown generator variants"):
         run(config, variants=["no_such_variant"], docs=None)
     assert set(VARIANTS) >= {"layout", "unconditional"}

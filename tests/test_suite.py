@@ -70,6 +70,9 @@ def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
     r1b, rec1b = run(1, 0.9)
     merged = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1], "runs": [r1b], "records": [rec1b]})
     assert merged["seeds"] == [0, 1] and [r["value"] for r in merged["records"]] == [0.8, 0.9]
+    # asked for seeds 1 and 2 but stopped after seed 1: seed 2 is not claimed
+    stopped = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1, 2], "runs": [r1b], "records": [rec1b]})
+    assert stopped["seeds"] == [0, 1]
     assert _earlier_seeds(tmp_path, "b", "another config", [1]) is None  # results of another config are never mixed in
 
 

@@ -33,6 +33,8 @@ from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, disti
 
 logger = logging.getLogger(__name__)
 
+# the sites' atlas policy of the runs before atlas_align existed (played by the benchmark, as the sites' decision)
+CENTRE_ALIGNED = {"site_options#policy": {"atlas_align": "centre"}}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -40,13 +42,17 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_with_discriminators": ((), {"weights#realism": 0.5, "with_real_images": True}),
     "layout_rigid": ((), {"layout_options": {"rotate": 0.0, "scale": 0.0, "translate": 0.0, "elastic": 0.0, "texture": 0.0}}),
     # the screening of this generator's options (docs/results.md): each pins what it changes, so that its name keeps its
-    # meaning when the bundle default moves (the default became layout_fg_student_steps_6)
-    "layout_uniform_crops": ((), {"layout_options#foreground_crop": 0.0, "student_steps": 3}),
-    "layout_foreground_crops": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 3}),
-    "layout_fg_student_augment": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 3, "student_augment": True}),
-    "layout_fg_student_steps_6": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6}),
-    "layout_fg_student_steps_12": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 12}),
-    "layout_fg_student_steps_6_tv": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#tv": 1.0}),
+    # meaning when the bundle default moves (the default became layout_fg_student_steps_6, then layout_aligned_atlas)
+    "layout_uniform_crops": ((), {"layout_options#foreground_crop": 0.0, "student_steps": 3, **CENTRE_ALIGNED}),
+    "layout_foreground_crops": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 3, **CENTRE_ALIGNED}),
+    "layout_fg_student_augment": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 3, "student_augment": True, **CENTRE_ALIGNED}),
+    "layout_fg_student_steps_6": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, **CENTRE_ALIGNED}),
+    "layout_fg_student_steps_12": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 12, **CENTRE_ALIGNED}),
+    "layout_fg_student_steps_6_tv": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#tv": 1.0, **CENTRE_ALIGNED}),
+    # sites align their subjects' structures before averaging the atlas (policy atlas_align), and finer cells
+    "layout_aligned_atlas": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_aligned_atlas_pool_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6,
+                                         "site_options#policy": {"atlas_align": "foreground", "atlas_pool": 1}}),
 }
 UPPER_BOUND = "real_inputs"
 
@@ -203,6 +209,58 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
     return published if out_json is not None else results
 
 
+def atlas_layout_match(site_dirs, site_files, aligns=("centre", "foreground"), pools=(2, 1)) -> dict:
+    """How much a layout drawn from the sites' atlas looks like a real subject, per atlas alignment and cell size.
+
+    Leave one out over all training subjects of all sites: the atlas of the others (aligned and pooled into cells as
+    the sites do it, read back at full size as the server does it) gives an undeformed layout with the atlas's class
+    volumes (:class:`~monai_fedkd.server.layouts.LayoutSampler` without jitter), scored by Dice per class against the
+    subject left out (in the same alignment). A data-free proxy for the synthesis: the generator paints these layouts.
+    """
+    from monai.transforms import Compose
+
+    from monai_fedkd.data.datalist import load_datalist
+    from monai_fedkd.data.transforms import card_preprocessing
+    from monai_fedkd.server.layouts import LayoutSampler, upsampled_atlas
+    from monai_fedkd.site.atlas import AtlasAccumulator, pool_cells
+
+    labels, card = [], None
+    for site_dir, datalist in zip(site_dirs, site_files):
+        card = json.loads((Path(site_dir) / "site_card.json").read_text())
+        num_classes = card["classes"]["num_classes"]
+        xforms = Compose(card_preprocessing(card, with_label=True))
+        for item in load_datalist(datalist, key="training", task="segmentation", num_classes=num_classes):
+            labels.append(torch.as_tensor(xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})["label"]))
+    if len(labels) < 2:
+        raise ValueError(f"atlas layout match needs at least 2 training subjects, the sites hold {len(labels)}")
+    out = {"subjects": len(labels), "classes": card["classes"]["names"][1:], "runs": []}
+    for align in aligns:
+        frame = AtlasAccumulator(num_classes, card["input"]["spatial_size"], align=align)
+        frame.add(labels[0])
+        singles = []  # each subject's one-hot map in the common frame
+        for lab in labels:
+            one = AtlasAccumulator(num_classes, frame.spatial_size, align=align)
+            one.add(lab)
+            if one.spatial_size != frame.spatial_size:
+                raise ValueError(f"subjects of different frames ({one.spatial_size} vs {frame.spatial_size}): resample them alike")
+            singles.append(one.mean())
+        total, n = torch.stack(singles).sum(0), len(singles)
+        for pool in pools:
+            pooled_total = pool_cells(total, pool)
+            dice = []
+            for one in singles:
+                atlas = upsampled_atlas((pooled_total - pool_cells(one, pool)) / (n - 1), frame.spatial_size)
+                layout = LayoutSampler(atlas, rotate=0, scale=0, translate=0, elastic=0, texture=0, volume_jitter=0).sample(1, torch.Generator())[0]
+                truth = one.argmax(0)
+                dice.append([float(2 * ((layout == c) & (truth == c)).sum() / max(int((layout == c).sum() + (truth == c).sum()), 1))
+                             for c in range(1, num_classes)])
+            per_class = torch.tensor(dice).mean(0)
+            out["runs"].append({"align": align, "pool": pool, "dice": dict(zip(out["classes"], per_class.tolist())),
+                                "mean_dice": float(per_class.mean())})
+            logger.info("atlas %s-aligned, pool %d: leave-one-out layout Dice %.3f", align, pool, float(per_class.mean()))
+    return out
+
+
 def _sites_checksum(site_dirs) -> str:
     """sha256 over the site models: records of one seed are comparable only when made from the same sites."""
     h = hashlib.sha256()
@@ -281,8 +339,20 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {UPPER_BOUND}")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--reuse", action="store_true", help="keep variants already built under the same budget")
+    parser.add_argument("--atlas-match", action="store_true", help="only score layouts of the sites' atlas against held-out "
+                        "training subjects per alignment and cell size (docs/results/segmentation_generators/atlas_match_<benchmark>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.atlas_match:
+        cfg = load_config(args.benchmark)
+        for seed in args.seeds or cfg["seeds"][:1]:
+            _, site_dirs, site_files, _ = prepare_sites(cfg, seed, args.workdir, args.mirror)
+            match = {"benchmark": cfg["name"], "seed": seed, **atlas_layout_match(site_dirs, site_files)}
+            if args.docs:
+                path = Path(args.docs) / "results" / "segmentation_generators" / f"atlas_match_{cfg['name']}_seed{seed}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(match, indent=2) + "\n")
+        return 0
     run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None, args.reuse)
     return 0
 

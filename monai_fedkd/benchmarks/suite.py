@@ -199,10 +199,17 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                                 "phases_s": {"sites": sites_wall, "evaluation": time.perf_counter() - t0,
                                              **{m: c["wall_s"] for m, c in costs.items()}},
                                 "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
+                                "bundle_versions": _bundle_versions(),
                                 "primary_metric": metrics["meta"]["primary_metric"]})
         if docs is not None:  # after every seed: a long run that stops keeps the seeds it finished
             _write(_merged(kept, results), Path(docs))
     return _merged(kept, results)
+
+
+def _bundle_versions() -> dict[str, str]:
+    """The version of every bundle a run used: a bundle's defaults (e.g. the ensemble weighting) can change between
+    runs of the same benchmark config."""
+    return {p.parent.parent.name: json.loads(p.read_text())["version"] for p in sorted(BUNDLES_DIR.glob("*/configs/metadata.json"))}
 
 
 def _earlier_seeds(docs: Path | None, name: str, sha256: str, seeds) -> dict | None:
@@ -220,12 +227,13 @@ def _earlier_seeds(docs: Path | None, name: str, sha256: str, seeds) -> dict | N
 
 
 def _merged(kept: Mapping | None, results: Mapping) -> dict:
-    if not kept or not kept["runs"]:
-        return dict(results)
+    """The published seeds and this run's; ``seeds`` lists only seeds whose runs finished (a stopped run keeps its
+    finished seeds and claims no others)."""
     out = dict(results)
-    out["seeds"] = sorted(set(kept["seeds"]) | set(results["seeds"]))
-    out["runs"] = sorted([*kept["runs"], *results["runs"]], key=lambda r: r["seed"])
-    out["records"] = [*kept["records"], *results["records"]]
+    if kept and kept["runs"]:
+        out["runs"] = sorted([*kept["runs"], *results["runs"]], key=lambda r: r["seed"])
+        out["records"] = [*kept["records"], *results["records"]]
+    out["seeds"] = sorted({r["seed"] for r in out["runs"]})
     return out
 
 

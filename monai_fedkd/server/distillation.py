@@ -213,10 +213,10 @@ class CentralDistillation:
         checkpoint_interval / resume: regular checkpoints; ``resume=True`` continues from the newest one.
         drop_failed_sites / min_sites: drop a site that answers NaN/Inf or a wrong shape instead of stopping. A site
             whose query budget (its policy) runs out always leaves the run; fewer than ``min_sites`` left stops it.
-        ensemble_weighting: ``"expertise"`` (each site weighted per class by its share of that class, from the cards)
-            , ``"contrast"`` (by what each site saw of the class against the others, :func:`~monai_fedkd.losses.contrast_counts`:
-            a site of one class gets no say, for extreme label skew) or ``"mean"`` (every site the same: the ablation
-            without expertise weights, and DENSE's ensemble).
+        ensemble_weighting: ``"contrast"`` (default: each site weighted per class by what it saw of the class
+            against the others, :func:`~monai_fedkd.losses.contrast_counts`, so a site of one class gets no say under
+            extreme label skew), ``"expertise"`` (by its share of that class, from the cards' counts) or ``"mean"``
+            (every site the same: the ablation without expertise weights, and DENSE's ensemble).
         zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
@@ -263,7 +263,7 @@ class CentralDistillation:
         min_sites: int = 1,
         zeroth_order_directions: int = 0,
         zeroth_order_step: float = 0.05,
-        ensemble_weighting: str = "expertise",
+        ensemble_weighting: str = "contrast",
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
         student_transform=None,

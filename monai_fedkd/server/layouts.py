@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from monai_fedkd.site.atlas import atlas_intensity, atlas_tensor
 
-__all__ = ["LayoutSampler", "combined_atlas", "combined_intensity"]
+__all__ = ["LayoutSampler", "combined_atlas", "combined_intensity", "normalised_atlas", "upsampled_atlas"]
 
 
 def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -45,8 +45,18 @@ def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_siz
         n = int(atlas.get("subjects") or 1)
         total = up * n if total is None else total + up * n
         subjects += n
-    out = (total / subjects).clamp_min(0)
-    return out / out.sum(0, keepdim=True).clamp_min(1e-8)
+    return normalised_atlas(total / subjects)
+
+
+def upsampled_atlas(cells: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """One atlas ``(C, *grid)`` at ``spatial_size``, as :func:`combined_atlas` reads a published one."""
+    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
+    return normalised_atlas(F.interpolate(cells[None].float(), size=list(spatial_size), mode=mode, align_corners=False)[0])
+
+
+def normalised_atlas(a: torch.Tensor) -> torch.Tensor:
+    a = a.clamp_min(0)
+    return a / a.sum(0, keepdim=True).clamp_min(1e-8)
 
 
 def combined_intensity(atlases: Mapping[str, Mapping], spatial_size: Sequence[int]) -> torch.Tensor | None:

@@ -5,10 +5,15 @@ with the anatomy the sites know; the server samples them from the atlases the si
 (:class:`~monai_fedkd.server.layouts.LayoutSampler`). The atlas is computed at the site, from its own training
 label maps, in the frame of its network's input:
 
-1. every label map after the card's preprocessing (orientation, spacing) is centre-cropped or padded to one frame:
-   the first subject's volume size, at least the network's patch size (``spatial_size``); volume centres are the
-   only alignment, no registration. The frame covers the whole field of view, so the layouts (and the generator's
-   patches cut from them) also cover the regions without any structure, which the central model must learn too;
+1. every label map after the card's preprocessing (orientation, spacing) is cropped or padded to one frame: the
+   first subject's volume size, at least the network's patch size (``spatial_size``). With ``align="foreground"``
+   (the policy's ``atlas_align``) the centroid of the subject's structures (all non-background voxels) goes to the
+   frame's centre; with ``"centre"`` the volume centres are aligned. Subjects are placed differently in their fields
+   of view, so centre alignment blurs every structure across subjects: on IXI a leave-one-out layout drawn from a
+   centre-aligned atlas matches a subject with Dice 0.39, from a foreground-aligned one 0.59. The alignment is a
+   translation only (no registration), and the frame still covers the whole field of view, so the layouts (and the
+   generator's patches cut from them) also cover the regions without any structure, which the central model must
+   learn too;
 2. one-hot, averaged over subjects: ``mean[c, v]`` is the share of subjects whose voxel ``v`` is class ``c``;
 3. the mean image intensity of the same subjects in the same frame (first channel), likewise;
 4. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
@@ -31,9 +36,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_fedkd.site.policy import AnswerPolicy, gaussian_epsilon
+from monai_fedkd.site.policy import ATLAS_ALIGNMENTS, AnswerPolicy, gaussian_epsilon
 
-__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "publish_atlas"]
+__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "pool_cells", "publish_atlas"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,10 @@ class AtlasAccumulator:
     """Running sums of one-hot label maps (and of images) in the network-input frame (``spatial_size``), one subject
     at a time."""
 
-    def __init__(self, num_classes: int, spatial_size: Sequence[int]) -> None:
+    def __init__(self, num_classes: int, spatial_size: Sequence[int], align: str = "foreground") -> None:
+        if align not in ATLAS_ALIGNMENTS:
+            raise ValueError(f"atlas align must be one of {ATLAS_ALIGNMENTS}, got {align!r}")
+        self.align = align
         self.num_classes, self.min_size = int(num_classes), [int(s) for s in spatial_size]
         self.spatial_size = list(self.min_size)  # the frame: set by the first subject
         self.total: torch.Tensor | None = None
@@ -63,7 +71,13 @@ class AtlasAccumulator:
             self.spatial_size = [max(int(a), b) for a, b in zip(label.shape[1:], self.min_size)]
             self.total = torch.zeros((self.num_classes, *self.spatial_size), dtype=torch.float64)
             self.image_total = torch.zeros(self.spatial_size, dtype=torch.float64)
-        frame = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0)
+        centre = None
+        if self.align == "foreground":
+            foreground = (torch.as_tensor(label)[0] > 0).nonzero()
+            if len(foreground):  # a subject without structures keeps its volume centre
+                centre = [math.floor(float(c) + 0.5) for c in foreground.float().mean(0)]  # halves round up alike
+        frame = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0) if centre is None else \
+            (lambda t: _window(torch.as_tensor(t), centre, self.spatial_size))
         if image is not None:
             image = torch.as_tensor(image).float()
             image = image[None] if image.ndim == len(self.spatial_size) else image[:1]
@@ -71,7 +85,7 @@ class AtlasAccumulator:
                 raise ValueError(f"atlas: image {tuple(image.shape)} and label {tuple(label.shape)} differ in size")
             self.image_total += torch.as_tensor(frame(image))[0].to(torch.float64)
         # padding is background (class 0): outside the subject's field of view nothing is known
-        label = torch.as_tensor(frame(label.float())).long()[0]
+        label = torch.as_tensor(frame(torch.as_tensor(label).float())).long()[0]
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
         self.total += F.one_hot(torch.as_tensor(label), self.num_classes).movedim(-1, 0).to(torch.float64)
@@ -88,6 +102,28 @@ class AtlasAccumulator:
         return (self.image_total / self.subjects).float()
 
 
+def _window(t: torch.Tensor, centre: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """``t`` ``(C, *spatial)`` cut (and zero-padded) to ``(C, *size)`` so that voxel ``centre`` lands at ``size // 2``."""
+    out = torch.zeros((t.shape[0], *size), dtype=t.dtype)
+    src, dst = [], []
+    for c, s, n in zip(centre, size, t.shape[1:]):
+        start = int(c) - s // 2  # the window's first voxel, in t's coordinates
+        lo, hi = max(start, 0), min(start + s, n)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[(slice(None), *dst)] = t[(slice(None), *src)]
+    return out
+
+
+def pool_cells(t: torch.Tensor, pool: int) -> torch.Tensor:
+    """``(C, *spatial)`` averaged over cells of ``pool`` voxels per axis: ``(C, *ceil(spatial / pool))``."""
+    grid = [int(math.ceil(s / pool)) for s in t.shape[1:]]
+    pool_fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
+    return pool_fn(t[None], grid)[0]
+
+
 def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence[float] | None,
                   generator: torch.Generator | None = None) -> dict | None:
     """What the site publishes in its card under ``policy`` (a JSON-able dict), or ``None`` when it publishes nothing."""
@@ -97,11 +133,9 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         logger.info("atlas not shared: %d training subjects, the policy needs at least %d", acc.subjects, policy.atlas_min_subjects)
         return None
     pool = int(policy.atlas_pool)
-    grid = [int(math.ceil(s / pool)) for s in acc.spatial_size]
-    mean = acc.mean()[None]
-    pool_fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
-    pooled = pool_fn(mean, grid)[0]
-    intensity = pool_fn(acc.mean_image()[None, None], grid)[0, 0]
+    pooled = pool_cells(acc.mean(), pool)
+    intensity = pool_cells(acc.mean_image()[None], pool)[0]
+    grid = list(pooled.shape[1:])
     cells = math.prod(grid)
     sensitivity = math.sqrt(2.0 * cells) / acc.subjects
     epsilon = None
@@ -116,6 +150,7 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
     return {
         "grid": grid,
         "pool": pool,
+        "align": acc.align,
         "spatial_size": list(acc.spatial_size),
         "spacing_mm": None if spacing is None else [float(s) * pool for s in spacing],
         "subjects": acc.subjects,

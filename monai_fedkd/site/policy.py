@@ -14,10 +14,12 @@ What a policy controls:
   value; for labels, on the one-hot vote before the argmax (report-noisy-max);
 - ``max_queries``: the number of queries the site answers before it refuses;
 - ``delta``: the delta at which the site reports epsilon;
-- ``share_atlas`` / ``atlas_pool`` / ``atlas_min_subjects`` / ``atlas_noise`` (segmentation sites): whether the site
-  publishes a coarse class-probability atlas of its training labels in its card (the layout-conditioned generator
-  samples label layouts from it), how many voxels per axis each atlas cell pools, the fewest training subjects it
-  averages over, and the Gaussian noise (in probability units) added to each cell. See :mod:`monai_fedkd.site.atlas`.
+- ``share_atlas`` / ``atlas_pool`` / ``atlas_min_subjects`` / ``atlas_noise`` / ``atlas_align`` (segmentation
+  sites): whether the site publishes a coarse class-probability atlas of its training labels in its card (the
+  layout-conditioned generator samples label layouts from it), how many voxels per axis each atlas cell pools, the
+  fewest training subjects it averages over, the Gaussian noise (in probability units) added to each cell, and how
+  the subjects are aligned before averaging (``"foreground"``: their structures' centroids; ``"centre"``: their
+  volume centres). See :mod:`monai_fedkd.site.atlas`.
 
 Accounting: the site's model is a deterministic function of its training data, so one training record may change an
 answer arbitrarily; only clipping bounds it. Each per-sample release (one input's output, local input-gradient or VJP)
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 __all__ = ["AnswerPolicy", "PolicyError", "PrivacyLedger", "released_log_probabilities", "OUTPUT_KINDS"]
 
 OUTPUT_KINDS = ("logits", "probabilities", "top_k", "labels")
+ATLAS_ALIGNMENTS = ("foreground", "centre")
 LABEL_SMOOTHING = 0.1  # how the server reads a released label: 0.9 on the label, the rest spread (a bounded log-probability)
 
 
@@ -59,6 +62,7 @@ class AnswerPolicy:
     atlas_pool: int = 2
     atlas_min_subjects: int = 5
     atlas_noise: float = 0.0
+    atlas_align: str = "foreground"
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUT_KINDS:
@@ -85,6 +89,8 @@ class AnswerPolicy:
         if int(self.atlas_pool) < 1 or int(self.atlas_min_subjects) < 1 or self.atlas_noise < 0:
             raise PolicyError("policy atlas_pool and atlas_min_subjects must be >= 1 and atlas_noise >= 0, got "
                               f"{self.atlas_pool}, {self.atlas_min_subjects}, {self.atlas_noise}")
+        if self.atlas_align not in ATLAS_ALIGNMENTS:
+            raise PolicyError(f"policy atlas_align must be one of {ATLAS_ALIGNMENTS}, got {self.atlas_align!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "AnswerPolicy":

@@ -79,6 +79,8 @@ class QuerySite:
         max_real: keep at most this many real images in memory (``None``: all).
         seed: seeds the site's real-batch sampling (with the server's step) and its discriminator's initialisation.
         state_dir: where the site checkpoints its own distillation state (resume).
+        policy: fields that replace those of the site's own policy (``site_policy.json`` or its card). For
+            simulations and benchmarks that play a site's decision; a deployed site writes ``site_policy.json``.
     """
 
     # building the site (network, discriminator) must not move the caller's random state: the server's generator
@@ -98,6 +100,7 @@ class QuerySite:
         max_real: int | None = None,
         seed: int = 0,
         state_dir: str | os.PathLike | None = None,
+        policy: Mapping | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -106,7 +109,8 @@ class QuerySite:
             p.requires_grad_(False)
         self.name = name or self.card["site"]
         self.seed = int(seed)
-        self.set_policy(read_site_policy(site_dir, self.card))
+        own = read_site_policy(site_dir, self.card)
+        self.set_policy(AnswerPolicy.from_dict({**own.as_dict(), **dict(policy or {})}) if policy else own)
         self.spec = self.card["input"]
         self.stats = TransportStats()
         self.state_dir = Path(state_dir) if state_dir else Path(site_dir) / "distillation_state"
@@ -121,8 +125,9 @@ class QuerySite:
         self.real_images: torch.Tensor | list[torch.Tensor] | None = None
         self._atlas: AtlasAccumulator | None = None
         atlas_datalist = atlas_datalist if atlas_datalist is not None else real_datalist
-        if self.card["task"] == "segmentation" and atlas_datalist is not None:
-            self._atlas = self._accumulate_atlas(atlas_datalist, real_key)
+        self._atlas_source = (atlas_datalist, real_key) if self.card["task"] == "segmentation" and atlas_datalist is not None else None
+        if self._atlas_source is not None:
+            self._atlas = self._accumulate_atlas(*self._atlas_source)
             self._publish_atlas()
         if real_datalist is not None:
             self.real_images = self._load_real_images(real_datalist, real_key, max_real)
@@ -143,6 +148,8 @@ class QuerySite:
     def _publish_atlas(self) -> None:
         """Put the atlas the policy allows (or none) in the card; its bytes count as sent once."""
         self.card.pop("atlas", None)
+        if self._atlas.align != self.policy.atlas_align:  # the policy changed how subjects are aligned
+            self._atlas = self._accumulate_atlas(*self._atlas_source)
         atlas = publish_atlas(self._atlas, self.policy, self.spec.get("spacing"), torch.Generator().manual_seed(self.seed * 1_000_033 + 29))
         if atlas is not None:
             self.card["atlas"] = atlas
@@ -170,7 +177,7 @@ class QuerySite:
     def _accumulate_atlas(self, datalist, key: str) -> AtlasAccumulator:
         items = load_datalist(datalist, key=key, task="segmentation", num_classes=self.card["classes"]["num_classes"])
         xforms = Compose(card_preprocessing(self.card, with_label=True))
-        acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"])
+        acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"], align=self.policy.atlas_align)
         for item in items:
             data = xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})
             acc.add(data["label"], data["image"])
