@@ -217,20 +217,14 @@ def atlas_layout_match(site_dirs, site_files, aligns=("centre", "foreground"), p
     volumes (:class:`~monai_fedkd.server.layouts.LayoutSampler` without jitter), scored by Dice per class against the
     subject left out (in the same alignment). A data-free proxy for the synthesis: the generator paints these layouts.
     """
-    from monai.transforms import Compose
-
-    from monai_fedkd.data.datalist import load_datalist
-    from monai_fedkd.data.transforms import card_preprocessing
     from monai_fedkd.server.layouts import LayoutSampler, upsampled_atlas
-    from monai_fedkd.site.atlas import AtlasAccumulator, pool_cells
+    from monai_fedkd.site.atlas import AtlasAccumulator, pool_cells, preprocessed_subjects
 
     labels, card = [], None
     for site_dir, datalist in zip(site_dirs, site_files):
         card = json.loads((Path(site_dir) / "site_card.json").read_text())
         num_classes = card["classes"]["num_classes"]
-        xforms = Compose(card_preprocessing(card, with_label=True))
-        for item in load_datalist(datalist, key="training", task="segmentation", num_classes=num_classes):
-            labels.append(torch.as_tensor(xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})["label"]))
+        labels += [torch.as_tensor(label) for label, _ in preprocessed_subjects(card, datalist)]
     if len(labels) < 2:
         raise ValueError(f"atlas layout match needs at least 2 training subjects, the sites hold {len(labels)}")
     out = {"subjects": len(labels), "classes": card["classes"]["names"][1:], "runs": []}

@@ -32,7 +32,6 @@ def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_siz
     """The subject-weighted mean of the sites' atlases at ``spatial_size``: ``(num_classes, *spatial_size)``."""
     if not atlases:
         raise ValueError("no site shares an atlas")
-    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
     total, subjects = None, 0
     for name, atlas in atlases.items():
         try:
@@ -41,17 +40,22 @@ def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_siz
             raise ValueError(f"site '{name}': {e}") from None
         if a.ndim - 1 != len(spatial_size):
             raise ValueError(f"site '{name}' shares a {a.ndim - 1}D atlas, the sites' inputs are {len(spatial_size)}D")
-        up = F.interpolate(a[None], size=list(spatial_size), mode=mode, align_corners=False)[0]
+        up = _upsampled(a, spatial_size)
         n = int(atlas.get("subjects") or 1)
         total = up * n if total is None else total + up * n
         subjects += n
     return normalised_atlas(total / subjects)
 
 
+def _upsampled(cells: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
+    """``(C, *grid)`` cells read back at ``spatial_size`` (linear interpolation)."""
+    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
+    return F.interpolate(cells[None].float(), size=list(spatial_size), mode=mode, align_corners=False)[0]
+
+
 def upsampled_atlas(cells: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
     """One atlas ``(C, *grid)`` at ``spatial_size``, as :func:`combined_atlas` reads a published one."""
-    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
-    return normalised_atlas(F.interpolate(cells[None].float(), size=list(spatial_size), mode=mode, align_corners=False)[0])
+    return normalised_atlas(_upsampled(cells, spatial_size))
 
 
 def normalised_atlas(a: torch.Tensor) -> torch.Tensor:
@@ -62,7 +66,6 @@ def normalised_atlas(a: torch.Tensor) -> torch.Tensor:
 def combined_intensity(atlases: Mapping[str, Mapping], spatial_size: Sequence[int]) -> torch.Tensor | None:
     """The subject-weighted mean intensity map of the sites' atlases at ``spatial_size``; ``None`` when a site
     shares none (the generator then starts from a constant)."""
-    mode = "bilinear" if len(spatial_size) == 2 else "trilinear"
     total, subjects = None, 0
     for name, atlas in atlases.items():
         try:
@@ -71,7 +74,7 @@ def combined_intensity(atlases: Mapping[str, Mapping], spatial_size: Sequence[in
             raise ValueError(f"site '{name}': {e}") from None
         if t is None:
             return None
-        up = F.interpolate(t[None, None], size=list(spatial_size), mode=mode, align_corners=False)[0, 0]
+        up = _upsampled(t[None], spatial_size)[0]
         n = int(atlas.get("subjects") or 1)
         total = up * n if total is None else total + up * n
         subjects += n

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from monai_fedkd.site.policy import ATLAS_ALIGNMENTS, AnswerPolicy, gaussian_epsilon
 
-__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "pool_cells", "publish_atlas"]
+__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "pool_cells", "preprocessed_subjects", "publish_atlas"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,21 @@ class AtlasAccumulator:
         if not self.subjects:
             raise ValueError("atlas: no label maps were added")
         return (self.image_total / self.subjects).float()
+
+
+def preprocessed_subjects(card: dict, datalist, key: str = "training"):
+    """``(label, image)`` of every ``key`` subject of ``datalist`` after the card's preprocessing: what a site
+    averages into its atlas."""
+    from monai.transforms import Compose
+
+    from monai_fedkd.data.datalist import load_datalist
+    from monai_fedkd.data.transforms import card_preprocessing
+
+    items = load_datalist(datalist, key=key, task="segmentation", num_classes=card["classes"]["num_classes"])
+    xforms = Compose(card_preprocessing(card, with_label=True))
+    for item in items:
+        data = xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})
+        yield data["label"], data["image"]
 
 
 def _window(t: torch.Tensor, centre: Sequence[int], size: Sequence[int]) -> torch.Tensor:

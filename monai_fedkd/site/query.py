@@ -32,7 +32,7 @@ from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
-from monai_fedkd.site.atlas import AtlasAccumulator, publish_atlas
+from monai_fedkd.site.atlas import AtlasAccumulator, preprocessed_subjects, publish_atlas
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.site.policy import AnswerPolicy, PrivacyLedger
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswer, SiteAnswerError, TransportStats, payload_bytes
@@ -175,12 +175,9 @@ class QuerySite:
         return images if self.card["task"] == "segmentation" else torch.stack(images)
 
     def _accumulate_atlas(self, datalist, key: str) -> AtlasAccumulator:
-        items = load_datalist(datalist, key=key, task="segmentation", num_classes=self.card["classes"]["num_classes"])
-        xforms = Compose(card_preprocessing(self.card, with_label=True))
         acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"], align=self.policy.atlas_align)
-        for item in items:
-            data = xforms({k: v for k, v in item.items() if k in ("image", "label", "acquisition")})
-            acc.add(data["label"], data["image"])
+        for label, image in preprocessed_subjects(self.card, datalist, key):
+            acc.add(label, image)
         return acc
 
     def _real_batch(self, n: int, g: torch.Generator, size=None) -> torch.Tensor:
