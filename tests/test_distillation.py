@@ -144,6 +144,50 @@ def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
+    """Past generator_iterations the generator stops changing, the sites get forward-only queries (no gradient, no
+    VJP) whose answers still label the student's inputs, and the card says so."""
+    transport = SpyTransport(_sites(cls_sites, tmp_path))
+    requests = []
+    query = transport.query
+    transport.query = lambda request, sites=None: (requests.append(request), query(request, sites))[1]
+    d = _distiller(transport, tmp_path, iterations=5, generator_iterations=2, checkpoint_interval=100)
+    snapshots = []
+    step = d._step
+
+    def record(engine, batch):
+        out = step(engine, batch)
+        snapshots.append(([p.detach().clone() for p in d.generator.parameters()], [p.detach().clone() for p in d.student.parameters()]))
+        return out
+
+    d._step = record
+    d.run()
+    assert [r.want_input_grad for r in requests] == [True, True, False, False, False]
+    assert not any(r.update_discriminator for r in requests[2:])
+    assert all(s["vjps"] == 2 and s["queries"] == 5 for s in transport.stats().values())
+    for later in snapshots[2:]:  # the generator is as it was after its last update
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[1][0], later[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1][1], snapshots[-1][1])), "the student still learns"
+    card = json.loads((tmp_path / "central" / "central_card.json").read_text())
+    assert card["generator_iterations"] == 2 and card["iterations"] == 5
+    with pytest.raises(ValueError, match="generator_iterations"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, generator_iterations=-1)
+    with pytest.raises(ValueError, match="class_intensity is for the layout-conditioned generator"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, weights={"class_intensity": 1.0})
+
+
+def test_forward_only_query_builds_no_graph_and_refuses_a_vjp(cls_sites):
+    site = QuerySite(cls_sites[1][0])
+    x = torch.rand(3, 1, 28, 28)
+    ans = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 1.0}, want_input_grad=False))
+    assert ans.local_input_grad is None and not ans.outputs.requires_grad
+    differentiable = site.answer(QueryRequest(x, step=1, local_weights={"entropy": 1.0}))
+    torch.testing.assert_close(ans.outputs, differentiable.outputs)  # the same answer, only no gradient
+    site.answer(QueryRequest(x, step=2, local_weights={}, want_input_grad=False))
+    with pytest.raises(SiteAnswerError, match="forward-only"):
+        site.vjp(torch.randn_like(ans.outputs))
+
+
 def test_student_transform_reaches_every_student_input_and_keeps_shapes(cls_sites, tmp_path):
     seen = []
 
@@ -298,7 +342,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
         _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
                        {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
-                        "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0}))
+                        "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
+                        "generator_iterations": 1, "weights#class_intensity": 1.0}))
     finally:
         for site_dir, _ in seg_sites:
             (Path(site_dir) / "site_policy.json").unlink()
@@ -308,6 +353,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg_sites)
     assert card["layouts"]["options"]["foreground_crop"] == 1.0 and "RandBiasField" in card["student_transform"]
+    assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
+    assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 

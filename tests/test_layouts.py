@@ -244,3 +244,76 @@ def test_foreground_crops_are_centred_on_structures():
     assert (LayoutSampler(empty, foreground_crop=1.0, **rigid).sample(2, torch.Generator().manual_seed(0)) == 0).all()
     with pytest.raises(ValueError, match="foreground_crop"):
         LayoutSampler(atlas, foreground_crop=1.5)
+
+
+def test_class_intensity_quantiles_are_published_without_atlas_noise_only():
+    from monai_fedkd.site.atlas import INTENSITY_LEVELS, atlas_class_intensity
+
+    g = torch.Generator().manual_seed(0)
+    acc = AtlasAccumulator(3, [12, 12, 8], value_range=(0.0, 1.0))
+    for lab in _cube_labels(5):
+        # class 0 ~ U(0, 0.4), class 1 ~ U(0.6, 1.0), class 2 (one voxel) 0.5; two channels, the second inverted
+        img = torch.where(lab == 1, 0.6 + 0.4 * torch.rand(lab.shape, generator=g), 0.4 * torch.rand(lab.shape, generator=g))
+        img = torch.where(lab == 2, torch.full_like(img, 0.5), img)
+        acc.add(lab, torch.cat([img, 1 - img]))
+    shared = publish_atlas(acc, AnswerPolicy(atlas_min_subjects=1), [1.0, 1.0, 1.0])["class_intensity"]
+    assert shared["levels"] == list(INTENSITY_LEVELS) and shared["value_range"] == [0.0, 1.0]
+    levels, q = atlas_class_intensity({"class_intensity": shared}, 3)
+    assert q.shape == (2, 3, len(INTENSITY_LEVELS))
+    expected = torch.tensor(INTENSITY_LEVELS)
+    torch.testing.assert_close(q[0, 0], 0.4 * expected, atol=0.01, rtol=0)  # uniform: the quantile is linear in the level
+    torch.testing.assert_close(q[0, 1], 0.6 + 0.4 * expected, atol=0.02, rtol=0)
+    torch.testing.assert_close(q[1, 1], 1 - (0.6 + 0.4 * expected.flip(0)), atol=0.02, rtol=0)
+    assert ((q[0, 2] - 0.5).abs() <= 1 / 256).all()
+    assert publish_atlas(acc, AnswerPolicy(atlas_min_subjects=1, atlas_noise=0.01), [1.0, 1.0, 1.0])["class_intensity"] is None
+    # without a value range there is no histogram to publish
+    plain = AtlasAccumulator(3, [12, 12, 8])
+    plain.add(_cube_labels(1)[0], torch.rand(1, 12, 12, 8))
+    assert publish_atlas(plain, AnswerPolicy(atlas_min_subjects=1), None)["class_intensity"] is None
+    with pytest.raises(ValueError, match="class_intensity quantiles are"):
+        atlas_class_intensity({"class_intensity": shared}, 4)
+
+
+def test_combined_class_intensity_averages_the_quantile_functions_by_subjects():
+    from monai_fedkd.server.layouts import combined_class_intensity
+
+    levels = [0.1, 0.5, 0.9]
+    a = {"subjects": 3, "class_intensity": {"levels": levels, "quantiles": [[[0.0, 0.1, 0.2], [0.5, 0.6, 0.7]]]}}
+    b = {"subjects": 1, "class_intensity": {"levels": levels, "quantiles": [[[0.4, 0.5, 0.6], None]]}}
+    lv, q = combined_class_intensity({"a": a, "b": b, "none": {"subjects": 9}}, 2)
+    torch.testing.assert_close(lv, torch.tensor(levels))
+    torch.testing.assert_close(q[0, 0], torch.tensor([0.1, 0.2, 0.3]))  # (3 * a + 1 * b) / 4
+    torch.testing.assert_close(q[0, 1], torch.tensor([0.5, 0.6, 0.7]))  # only a reports class 1
+    assert combined_class_intensity({"none": {"subjects": 9}}, 2) is None
+    b["class_intensity"]["levels"] = [0.2, 0.5, 0.9]
+    with pytest.raises(ValueError, match="site 'b'.*other levels"):
+        combined_class_intensity({"a": a, "b": b}, 2)
+
+
+def test_class_intensity_loss_is_the_transport_cost_to_the_sites_quantiles():
+    from monai_fedkd.losses import ClassIntensityLoss
+
+    levels = torch.linspace(0.01, 0.99, 15)
+    quantiles = torch.stack([0.4 * levels, 0.6 + 0.4 * levels])[None]  # class 0 ~ U(0, 0.4), class 1 ~ U(0.6, 1)
+    loss = ClassIntensityLoss(levels, quantiles, weight=2.0)
+    layout = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+    layout[:, 4:12, 4:12, 4:12] = 1
+    g = torch.Generator().manual_seed(0)
+    real = torch.where(layout == 1, 0.6 + 0.4 * torch.rand(layout.shape, generator=g), 0.4 * torch.rand(layout.shape, generator=g))[:, None]
+    assert float(loss(real, layout)) < 0.01
+    # class 1 painted 0.2 too dark everywhere: the cost is the shift (weight 2, averaged over the two classes)
+    shifted = torch.where(layout[:, None] == 1, real - 0.2, real).requires_grad_(True)
+    value = loss(shifted, layout)
+    assert abs(float(value.detach()) - 2.0 * 0.2 / 2.0) < 0.01
+    value.backward()
+    assert (shifted.grad[layout[:, None] == 1] < 0).all(), "every voxel of the dark class is pushed up"
+    # a class with too few voxels in the batch, or a class no site reported, is left out
+    tiny = torch.zeros_like(layout)
+    tiny[0, 0, 0, 0] = 1
+    assert float(loss(0.4 * torch.rand(2, 1, 16, 16, 16, generator=g), tiny)) < 0.01  # class 0 right, class 1 one voxel
+    unknown = ClassIntensityLoss(levels, torch.stack([0.4 * levels, torch.full_like(levels, float("nan"))])[None])
+    assert float(unknown(shifted.detach(), layout)) < 0.01
+    with pytest.raises(ValueError, match="must not decrease"):
+        ClassIntensityLoss(levels, quantiles.flip(-1))
+    with pytest.raises(ValueError, match=r"x must be \(B, 1"):
+        loss(torch.rand(2, 2, 16, 16, 16), layout)

@@ -53,6 +53,19 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_aligned_atlas": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "site_options#policy": {"atlas_align": "foreground"}}),
     "layout_aligned_atlas_pool_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6,
                                          "site_options#policy": {"atlas_align": "foreground", "atlas_pool": 1}}),
+    # the generator trains for its first 400 steps only (it plateaus after a few hundred), then labels inputs for the
+    # student through forward-only queries
+    "layout_generator_400": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "generator_iterations": 400,
+                                  "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_generator_400_pool_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "generator_iterations": 400,
+                                         "site_options#policy": {"atlas_align": "foreground", "atlas_pool": 1}}),
+    # each painted structure's intensities pulled towards the sites' class intensity quantiles
+    "layout_class_intensity_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 1.0,
+                                      "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_class_intensity_10": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                       "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_class_intensity_30": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 30.0,
+                                       "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

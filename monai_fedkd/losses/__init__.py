@@ -28,12 +28,13 @@ from .distillation import (
     generalized_js_divergence,
 )
 from .ensemble import class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
-from .priors import BatchNormStatisticsLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
+from .priors import BatchNormStatisticsLoss, ClassIntensityLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
 
 __all__ = [
     "AdversarialLoss",
     "BalanceLoss",
     "BatchNormStatisticsLoss",
+    "ClassIntensityLoss",
     "ConditionalCrossEntropyLoss",
     "ConsensusLoss",
     "DistillationLoss",

@@ -1,4 +1,5 @@
-"""Priors on the synthetic inputs ``x``: total variation, BatchNorm statistics matching and batch diversity."""
+"""Priors on the synthetic inputs ``x``: total variation, BatchNorm statistics matching, batch diversity and the
+sites' intensity distribution per class (layout-conditioned segmentation)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import check_reduction, check_weight
 
-__all__ = ["TotalVariationLoss", "DiversityLoss", "BatchNormStatisticsLoss", "bn_statistics_loss", "has_batchnorm"]
+__all__ = ["TotalVariationLoss", "DiversityLoss", "BatchNormStatisticsLoss", "ClassIntensityLoss", "bn_statistics_loss", "has_batchnorm"]
 
 
 class TotalVariationLoss(nn.Module):
@@ -185,3 +186,74 @@ def bn_statistics_loss(network: nn.Module, x: torch.Tensor) -> torch.Tensor | No
         return loss()
     finally:
         loss.detach()
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``fp(xp)`` read at ``x`` (``xp`` increasing), constant beyond its ends (``numpy.interp``)."""
+    hi = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, len(xp) - 1)
+    lo = hi - 1
+    t = ((x - xp[lo]) / (xp[hi] - xp[lo]).clamp_min(1e-12)).clamp(0, 1)
+    return fp[lo] + t * (fp[hi] - fp[lo])
+
+
+class ClassIntensityLoss(nn.Module):
+    """1D Wasserstein-1 distance, per channel and layout class, between the synthetic intensities and the sites'.
+
+    ``forward(x, layout)``: ``x`` ``(B, channels, *spatial)``, ``layout`` ``(B, *spatial)`` class indices. For every
+    channel ``h`` and class ``c`` with at least ``min_voxels`` voxels in the batch, the voxels of ``x[:, h]`` where the
+    layout is ``c`` are sorted and compared, rank by rank, with the target quantile function (``quantiles[h, c]`` at
+    ``levels``, linearly interpolated, constant beyond the outermost levels): ``mean |sorted_i - Q((i + 0.5) / n)|``,
+    the optimal-transport cost of moving the batch's histogram onto the target's. The value is the mean over those
+    (channel, class) pairs, times ``weight``; ``0`` when none has enough voxels, or the batch follows the target.
+
+    Every voxel of a class gets a gradient (not only those at the published levels), so the term pulls the whole
+    intensity distribution of each structure towards what the sites' data show: a generator that paints a bright
+    halo the site networks respond to, or stripes, pays for the intensities no real structure has.
+
+    Args:
+        levels: ``(L,)`` increasing probabilities in ``[0, 1]``.
+        quantiles: ``(channels, classes, L)`` target quantiles; a row of NaN (a class no site reported) is skipped.
+        weight: scale of the returned value.
+        min_voxels: fewer voxels of a class in the batch than this say too little about its distribution.
+    """
+
+    def __init__(self, levels, quantiles, weight: float = 1.0, min_voxels: int = 16) -> None:
+        super().__init__()
+        self.weight = check_weight(weight)
+        levels, quantiles = torch.as_tensor(levels, dtype=torch.float32), torch.as_tensor(quantiles, dtype=torch.float32)
+        if levels.ndim != 1 or len(levels) < 2 or not bool((levels[1:] > levels[:-1]).all()) or levels.min() < 0 or levels.max() > 1:
+            raise ValueError(f"levels must be at least two increasing probabilities in [0, 1], got {levels.tolist()}")
+        if quantiles.ndim != 3 or quantiles.shape[-1] != len(levels):
+            raise ValueError(f"quantiles must be (channels, classes, {len(levels)}), got {tuple(quantiles.shape)}")
+        known = torch.isfinite(quantiles).all(-1)
+        if bool((quantiles[known][:, 1:] < quantiles[known][:, :-1]).any()):
+            raise ValueError("quantiles must not decrease along the levels")
+        self.register_buffer("levels", levels)
+        self.register_buffer("quantiles", quantiles)
+        self.min_voxels = int(min_voxels)
+
+    def forward(self, x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        channels, classes = self.quantiles.shape[:2]
+        if x.ndim < 3 or x.shape[1] != channels:
+            raise ValueError(f"x must be (B, {channels}, *spatial), got {tuple(x.shape)}")
+        layout = torch.as_tensor(layout, device=x.device)
+        if layout.ndim == x.ndim:
+            layout = layout[:, 0]
+        if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
+        levels, quantiles = self.levels.to(x), self.quantiles.to(x)
+        terms = []
+        for c in range(classes):
+            mask = layout == c
+            n = int(mask.sum())
+            if n < self.min_voxels:
+                continue
+            ranks = (torch.arange(n, device=x.device, dtype=x.dtype) + 0.5) / n
+            for h in range(channels):
+                if not bool(torch.isfinite(quantiles[h, c]).all()):
+                    continue
+                values = x[:, h][mask].sort().values
+                terms.append((values - _interpolate(ranks, levels, quantiles[h, c])).abs().mean())
+        if not terms:
+            return x.new_zeros(())
+        return self.weight * torch.stack(terms).mean()

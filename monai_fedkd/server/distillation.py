@@ -35,6 +35,7 @@ from monai_fedkd import __version__
 from monai_fedkd.losses import (
     AdversarialLoss,
     BalanceLoss,
+    ClassIntensityLoss,
     ConditionalCrossEntropyLoss,
     ConsensusLoss,
     DistillationLoss,
@@ -47,7 +48,7 @@ from monai_fedkd.losses import (
     site_weights,
 )
 from monai_fedkd.networks import network_definition
-from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_intensity
+from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_class_intensity, combined_intensity
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswerError, Transport
@@ -74,6 +75,7 @@ DEFAULT_WEIGHTS = {
     "bn_statistics": 0.0,    # site-local: BatchNorm statistics prior (only sites whose network has BatchNorm)
     "pseudo_label": 0.0,     # ensemble confident in its own argmax (DENSE's cross-entropy; for unconditional generators)
     "layout_dice": 0.0,      # ensemble's soft Dice to the layout a layout-conditioned generator painted (segmentation)
+    "class_intensity": 0.0,  # each painted structure's intensities follow the sites' quantiles for its class (segmentation)
 }
 SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
 
@@ -230,6 +232,11 @@ class CentralDistillation:
             as its target; results are clipped to the sites' value range. Only label-preserving transforms belong
             here (intensity, not spatial): the target is not transformed. It is reseeded every step (``seed`` and
             the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
+        generator_iterations: train the generator for this many iterations only; later iterations sample it frozen
+            and ask the sites forward-only queries (no input-gradient, no VJP, no discriminator update), whose
+            answers only label the student's inputs. Once the generator has stopped improving (the layout generator
+            plateaus after a few hundred steps) this spends the budget on the student: a forward-only query costs
+            the sites about a third of a query with its VJP, and releases no gradient. ``None``: every iteration.
         max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
             as after ``iterations`` (the card records the steps done). ``None``: no budget. A resumed run counts
             from its restart.
@@ -267,6 +274,7 @@ class CentralDistillation:
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
         student_transform=None,
+        generator_iterations: int | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -291,6 +299,9 @@ class CentralDistillation:
         if max_seconds is not None and not float(max_seconds) > 0:
             raise ValueError(f"max_seconds must be positive or None, got {max_seconds}")
         self.max_seconds = None if max_seconds is None else float(max_seconds)
+        if generator_iterations is not None and int(generator_iterations) < 0:
+            raise ValueError(f"generator_iterations must be >= 0 or None, got {generator_iterations}")
+        self.generator_iterations = None if generator_iterations is None else int(generator_iterations)
         self.stopped_by_budget = False
         if not 0.0 <= float(boundary_fraction) <= 1.0:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
@@ -332,6 +343,17 @@ class CentralDistillation:
             "diversity": DiversityLoss(weight=self.weights["diversity"]),
             "layout_dice": LayoutDiceLoss(weight=self.weights["layout_dice"]),
         }
+        if self.weights["class_intensity"]:
+            if self.layouts is None:
+                raise ValueError("weights.class_intensity is for the layout-conditioned generator (segmentation): it compares "
+                                 "each layout class's synthetic intensities with the sites' quantiles")
+            if self.class_intensity is None:
+                raise ValueError(f"weights.class_intensity needs class intensity quantiles, and none of the sites {self.atlas_sites} "
+                                 "that share an atlas shares them (a policy with atlas_noise > 0, or inputs without a value_range)")
+            levels, quantiles = self.class_intensity
+            if quantiles.shape[0] != self.generator.out_channels:
+                raise ValueError(f"the sites' class intensity quantiles have {quantiles.shape[0]} channels, the generator paints {self.generator.out_channels}")
+            self.terms["class_intensity"] = ClassIntensityLoss(levels, quantiles, weight=self.weights["class_intensity"]).to(self.device)
         if student_transform is not None and not callable(student_transform):
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
@@ -352,6 +374,7 @@ class CentralDistillation:
                     sorted(set(self.cards) - set(self.atlas_sites)) or "-")
         shared = {n: self.cards[n]["atlas"] for n in self.atlas_sites}
         atlas, intensity = combined_atlas(shared, self.num_classes, frame), combined_intensity(shared, frame)
+        self.class_intensity = combined_class_intensity(shared, self.num_classes)
         self.layout_options = dict(options or {})
         crop = [int(c) for c in self.generator.spatial_size]
         if any(c > int(f) for c, f in zip(crop, frame)):
@@ -412,11 +435,12 @@ class CentralDistillation:
             labels = soft  # (B, N) class distributions
         return z.to(self.device), labels.to(self.device)
 
-    def _query(self, x: torch.Tensor, step: int):
+    def _query(self, x: torch.Tensor, step: int, forward_only: bool = False):
         local = {k: float(self.weights[k]) for k in SITE_LOCAL_TERMS}
         while True:
             try:
-                answers = self.transport.query(QueryRequest(x.detach(), step, local), sites=list(self.active_sites))
+                request = QueryRequest(x.detach(), step, local, want_input_grad=not forward_only, update_discriminator=not forward_only)
+                answers = self.transport.query(request, sites=list(self.active_sites))
             except SiteAnswerError as e:
                 self._drop_site(e.site, str(e), step, by_policy=isinstance(e, QueryBudgetExhausted))
                 continue
@@ -458,12 +482,8 @@ class CentralDistillation:
             return "answered an input-gradient of the wrong shape or with NaN/Inf"
         return None
 
-    def _step(self, engine, _batch) -> dict:
-        step = engine.state.iteration - 1
-        torch.manual_seed(self.seed * 1_000_003 + step)  # anything else random in this step (dropout) repeats on resume
-        out: dict[str, float] = {}
-        self.generator.train()
-        z, labels = self._sample(step)
+    def _generator_step(self, z, labels, step: int, out: dict):
+        """One generator update: query the sites, the server's terms, the sites' VJPs, the image priors."""
         if self.layouts is not None:
             x = self.generator(z, labels, self._prior)
         else:
@@ -477,7 +497,6 @@ class CentralDistillation:
         logits = {n: released_log_probabilities(released[n], answers[n].kind, self.num_classes) for n in names}
         stacked = torch.stack([logits[n] for n in names])
         log_probs = ensemble_log_probabilities(stacked, self.expertise)
-        probs = log_probs.exp()
         with torch.no_grad():
             self.student.eval()
             student_logits = self.student(x.detach())
@@ -513,6 +532,8 @@ class CentralDistillation:
                 grad_x = grad_x + answers[n].local_input_grad.to(self.device)
         # layouts differ per sample anyway: diversity compares all pairs then
         image_terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, None if self.layouts is not None else _hard(labels))}
+        if "class_intensity" in self.terms:
+            image_terms["class_intensity"] = self.terms["class_intensity"](x, labels)
         self.g_optimizer.zero_grad(set_to_none=True)
         ((x * grad_x.detach()).sum() + sum(image_terms.values())).backward()
         self.g_optimizer.step()
@@ -524,9 +545,34 @@ class CentralDistillation:
         for n in names:
             for k, v in answers[n].local_values.items():
                 out[f"site/{n}/{k}"] = v
+        return x, names, stacked, log_probs
+
+    @torch.no_grad()
+    def _frozen_generator_sample(self, z, labels, step: int, out: dict):
+        """Past ``generator_iterations``: a sample of the frozen generator, labelled by forward-only queries."""
+        x = self.generator(z, labels, self._prior) if self.layouts is not None else (self.generator(z, labels) if labels is not None else self.generator(z))
+        answers = self._query(x, step, forward_only=True)
+        names = list(self.active_sites)
+        stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
+        for n in names:
+            for k, v in answers[n].local_values.items():
+                out[f"site/{n}/{k}"] = v
+        return x, names, stacked, ensemble_log_probabilities(stacked, self.expertise)
+
+    def _step(self, engine, _batch) -> dict:
+        step = engine.state.iteration - 1
+        torch.manual_seed(self.seed * 1_000_003 + step)  # anything else random in this step (dropout) repeats on resume
+        out: dict[str, float] = {}
+        self.generator.train()
+        z, labels = self._sample(step)
+        if self.generator_iterations is not None and step >= self.generator_iterations:
+            x, names, stacked, log_probs = self._frozen_generator_sample(z, labels, step, out)
+        else:
+            x, names, stacked, log_probs = self._generator_step(z, labels, step, out)
+        probs = log_probs.exp()
         with torch.no_grad():  # the student's soft targets: the ensemble at the distillation temperature
             targets = probs if self.temperature == 1.0 else ensemble_log_probabilities(stacked.detach(), self.expertise, temperature=self.temperature).exp()
-        self.cache.push(x.detach(), targets)
+        self.cache.push(x.detach(), targets.detach())
 
         t0 = time.perf_counter()
         self.student.train()
@@ -639,6 +685,7 @@ class CentralDistillation:
             "batch_size": self.batch_size,
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
+            "generator_iterations": self.generator_iterations,
             "student_transform": _describe(self.student_transform),
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
@@ -648,6 +695,7 @@ class CentralDistillation:
             "ensemble_weighting": self.ensemble_weighting,
             "layouts": None if self.layouts is None else {
                 "atlas_sites": self.atlas_sites, "options": self.layout_options,
+                "class_intensity_sites": sorted(n for n in self.atlas_sites if self.cards[n]["atlas"].get("class_intensity")),
                 "atlas": {n: {k: v for k, v in self.cards[n]["atlas"].items() if k != "probabilities"} for n in self.atlas_sites}},
             "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
             "timing": dict(self.timing),

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_fedkd.site.atlas import atlas_intensity, atlas_tensor
+from monai_fedkd.site.atlas import atlas_class_intensity, atlas_intensity, atlas_tensor
 
-__all__ = ["LayoutSampler", "combined_atlas", "combined_intensity", "normalised_atlas", "upsampled_atlas"]
+__all__ = ["LayoutSampler", "combined_atlas", "combined_class_intensity", "combined_intensity", "normalised_atlas", "upsampled_atlas"]
 
 
 def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -79,6 +79,33 @@ def combined_intensity(atlases: Mapping[str, Mapping], spatial_size: Sequence[in
         total = up * n if total is None else total + up * n
         subjects += n
     return None if total is None else total / subjects
+
+
+def combined_class_intensity(atlases: Mapping[str, Mapping], num_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(levels, quantiles (channels, num_classes, L))``: the sites' class intensity quantiles averaged, weighted by
+    their subjects, over the sites that report each class. Averaging quantile functions gives the distribution
+    closest to every site's in the 1D Wasserstein sense (their barycenter). ``None`` when no site shares them."""
+    total, weight, levels = None, None, None
+    for name, atlas in atlases.items():
+        try:
+            shared = atlas_class_intensity(atlas, num_classes)
+        except ValueError as e:
+            raise ValueError(f"site '{name}': {e}") from None
+        if shared is None:
+            continue
+        lv, q = shared
+        if levels is None:
+            levels, total, weight = lv, torch.zeros_like(q), torch.zeros(q.shape[:2])
+        if not torch.equal(lv, levels) or q.shape != total.shape:
+            raise ValueError(f"site '{name}' shares class intensity quantiles at other levels or channels than the first site's")
+        n = float(atlas.get("subjects") or 1)
+        known = torch.isfinite(q).all(-1)
+        total[known] += n * q[known]
+        weight[known] += n
+    if levels is None:
+        return None
+    quantiles = torch.where(weight[..., None] > 0, total / weight.clamp_min(1e-12)[..., None], torch.full_like(total, float("nan")))
+    return levels, quantiles
 
 
 class LayoutSampler:

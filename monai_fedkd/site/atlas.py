@@ -16,12 +16,16 @@ label maps, in the frame of its network's input:
    learn too;
 2. one-hot, averaged over subjects: ``mean[c, v]`` is the share of subjects whose voxel ``v`` is class ``c``;
 3. the mean image intensity of the same subjects in the same frame (first channel), likewise;
-4. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
+4. per channel and class, the quantiles of the intensities of all the subjects' voxels of that class (from a
+   histogram of ``INTENSITY_BINS`` bins over the input value range, at ``INTENSITY_LEVELS``): published only by a
+   policy that adds no atlas noise, since no noise mechanism covers them. They let the server keep each synthetic
+   structure's intensities where the sites' are (:class:`~monai_fedkd.losses.ClassIntensityLoss`);
+5. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
    when the policy says so, Gaussian noise of ``atlas_noise`` added per cell before the class distribution of every
    cell is renormalised.
 
-What it reveals: the site's average anatomy and average image at ``atlas_pool x spacing`` resolution and its class
-volumes. One
+What it reveals: the site's average anatomy and average image at ``atlas_pool x spacing`` resolution, its class
+volumes, and (without atlas noise) the intensity distribution of each class pooled over all its subjects. One
 subject moves each cell's class distribution by at most ``2 / n`` in L1 (``n`` subjects), so over ``G`` cells the
 replace-one L2 sensitivity is ``sqrt(2 G) / n``; with noise the release is a Gaussian mechanism whose epsilon the card
 reports. A site with fewer than ``atlas_min_subjects`` training subjects publishes none.
@@ -38,19 +42,28 @@ import torch.nn.functional as F
 
 from monai_fedkd.site.policy import ATLAS_ALIGNMENTS, AnswerPolicy, gaussian_epsilon
 
-__all__ = ["AtlasAccumulator", "atlas_intensity", "atlas_tensor", "pool_cells", "preprocessed_subjects", "publish_atlas"]
+__all__ = ["INTENSITY_BINS", "INTENSITY_LEVELS", "AtlasAccumulator", "atlas_class_intensity", "atlas_intensity", "atlas_tensor", "pool_cells", "preprocessed_subjects", "publish_atlas"]
 
 logger = logging.getLogger(__name__)
+
+INTENSITY_BINS = 256
+INTENSITY_LEVELS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99)
 
 
 class AtlasAccumulator:
     """Running sums of one-hot label maps (and of images) in the network-input frame (``spatial_size``), one subject
     at a time."""
 
-    def __init__(self, num_classes: int, spatial_size: Sequence[int], align: str = "foreground") -> None:
+    def __init__(self, num_classes: int, spatial_size: Sequence[int], align: str = "foreground",
+                 value_range: Sequence[float] | None = None) -> None:
         if align not in ATLAS_ALIGNMENTS:
             raise ValueError(f"atlas align must be one of {ATLAS_ALIGNMENTS}, got {align!r}")
+        if value_range is not None and not float(value_range[0]) < float(value_range[1]):
+            raise ValueError(f"atlas value_range must be (low, high) with low < high, got {value_range}")
         self.align = align
+        # class intensity histograms need a bounded input range (the card's value_range); without one, none
+        self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+        self.histogram: torch.Tensor | None = None  # (channels, classes, INTENSITY_BINS) voxel counts
         self.num_classes, self.min_size = int(num_classes), [int(s) for s in spatial_size]
         self.spatial_size = list(self.min_size)  # the frame: set by the first subject
         self.total: torch.Tensor | None = None
@@ -79,10 +92,13 @@ class AtlasAccumulator:
         frame = ResizeWithPadOrCrop(self.spatial_size, mode="constant", value=0) if centre is None else \
             (lambda t: _window(torch.as_tensor(t), centre, self.spatial_size))
         if image is not None:
-            image = torch.as_tensor(image).float()
-            image = image[None] if image.ndim == len(self.spatial_size) else image[:1]
+            full = torch.as_tensor(image).float()
+            full = full[None] if full.ndim == len(self.spatial_size) else full
+            image = full[:1]
             if tuple(image.shape[1:]) != tuple(label.shape[1:]):
                 raise ValueError(f"atlas: image {tuple(image.shape)} and label {tuple(label.shape)} differ in size")
+            if self.value_range is not None:
+                self._add_histogram(torch.as_tensor(label).long()[0], torch.as_tensor(full).float())
             self.image_total += torch.as_tensor(frame(image))[0].to(torch.float64)
         # padding is background (class 0): outside the subject's field of view nothing is known
         label = torch.as_tensor(frame(torch.as_tensor(label).float())).long()[0]
@@ -90,6 +106,44 @@ class AtlasAccumulator:
             raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
         self.total += F.one_hot(torch.as_tensor(label), self.num_classes).movedim(-1, 0).to(torch.float64)
         self.subjects += 1
+
+    def _add_histogram(self, label: torch.Tensor, image: torch.Tensor) -> None:
+        """Voxel counts per channel, class and intensity bin of one whole subject (not only its atlas frame)."""
+        if label.min() < 0 or label.max() >= self.num_classes:
+            raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
+        lo, hi = self.value_range
+        if self.histogram is None:
+            self.histogram = torch.zeros((image.shape[0], self.num_classes, INTENSITY_BINS), dtype=torch.float64)
+        if image.shape[0] != self.histogram.shape[0]:
+            raise ValueError(f"atlas: a subject with {image.shape[0]} channels after subjects with {self.histogram.shape[0]}")
+        bins = ((image - lo) / (hi - lo) * INTENSITY_BINS).floor().clamp(0, INTENSITY_BINS - 1).long()
+        for h in range(image.shape[0]):
+            key = label.flatten() * INTENSITY_BINS + bins[h].flatten()
+            self.histogram[h] += torch.bincount(key, minlength=self.num_classes * INTENSITY_BINS).view(self.num_classes, INTENSITY_BINS).double()
+
+    def class_quantiles(self) -> list | None:
+        """``(channels, classes, len(INTENSITY_LEVELS))`` quantiles (nested lists; ``None`` for a class without voxels),
+        linear within the bin where the cumulative count crosses each level; ``None`` without histograms."""
+        if self.histogram is None:
+            return None
+        lo, hi = self.value_range
+        width = (hi - lo) / INTENSITY_BINS
+        levels = torch.tensor(INTENSITY_LEVELS, dtype=torch.float64)
+        out = []
+        for per_class in self.histogram:
+            rows = []
+            for counts in per_class:
+                total = float(counts.sum())
+                if total <= 0:
+                    rows.append(None)
+                    continue
+                cdf = counts.cumsum(0) / total
+                b = torch.searchsorted(cdf, levels).clamp(max=INTENSITY_BINS - 1)  # first bin whose cdf reaches the level
+                below = torch.where(b > 0, cdf[(b - 1).clamp(min=0)], torch.zeros_like(levels))
+                frac = ((levels - below) / (cdf[b] - below).clamp_min(1e-12)).clamp(0, 1)
+                rows.append([round(float(v), 4) for v in lo + (b.double() + frac) * width])
+            out.append(rows)
+        return out
 
     def mean(self) -> torch.Tensor:
         if not self.subjects:
@@ -162,6 +216,9 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         # a cell the noise pushed below zero in every class says nothing: uniform
         pooled = torch.where(total > 1e-8, pooled / total.clamp_min(1e-8), torch.full_like(pooled, 1.0 / pooled.shape[0]))
         epsilon = gaussian_epsilon(float(policy.atlas_noise) / sensitivity, 1, policy.delta)
+    quantiles = acc.class_quantiles() if policy.atlas_noise == 0 else None
+    if policy.atlas_noise > 0 and acc.histogram is not None:
+        logger.info("class intensity quantiles not shared: the policy adds noise to its atlas, and no noise mechanism covers them")
     return {
         "grid": grid,
         "pool": pool,
@@ -175,6 +232,8 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         "delta": policy.delta,
         "probabilities": [round(float(v), 4) for v in pooled.flatten()],  # flat, classes first, then the grid in C order
         "intensity": [round(float(v), 4) for v in intensity.flatten()],  # mean network-input intensity per cell
+        "class_intensity": None if quantiles is None else {"levels": list(INTENSITY_LEVELS), "value_range": list(acc.value_range),
+                                                           "quantiles": quantiles},  # channels x classes x levels
     }
 
 
@@ -187,6 +246,23 @@ def atlas_intensity(atlas: dict) -> torch.Tensor | None:
     if values.numel() != math.prod(grid) or not torch.isfinite(values).all():
         raise ValueError(f"atlas intensity has {values.numel()} values for grid {grid} (or is not finite)")
     return values.reshape(grid)
+
+
+def atlas_class_intensity(atlas: dict, num_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(levels (L,), quantiles (channels, num_classes, L))`` of a published atlas (NaN rows for classes without
+    voxels), or ``None`` when it shares none; raises naming what is malformed."""
+    shared = atlas.get("class_intensity")
+    if shared is None:
+        return None
+    try:
+        levels = torch.tensor(shared["levels"], dtype=torch.float32)
+        rows = [[[float("nan")] * len(levels) if r is None else r for r in per_class] for per_class in shared["quantiles"]]
+        quantiles = torch.tensor(rows, dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"atlas class_intensity is malformed ({type(e).__name__}: {e}); expected 'levels' and 'quantiles'") from None
+    if quantiles.ndim != 3 or quantiles.shape[1:] != (num_classes, len(levels)):
+        raise ValueError(f"atlas class_intensity quantiles are {tuple(quantiles.shape)}, expected (channels, {num_classes}, {len(levels)})")
+    return levels, quantiles
 
 
 def atlas_tensor(atlas: dict, num_classes: int) -> torch.Tensor:

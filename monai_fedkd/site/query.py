@@ -153,7 +153,10 @@ class QuerySite:
         atlas = publish_atlas(self._atlas, self.policy, self.spec.get("spacing"), torch.Generator().manual_seed(self.seed * 1_000_033 + 29))
         if atlas is not None:
             self.card["atlas"] = atlas
-            self.stats.bytes_sent += 4 * len(atlas["probabilities"])  # shared information: counted as sent (float32)
+            shared = len(atlas["probabilities"]) + len(atlas["intensity"])
+            if atlas.get("class_intensity") is not None:
+                shared += sum(len(r or ()) for per_class in atlas["class_intensity"]["quantiles"] for r in per_class)
+            self.stats.bytes_sent += 4 * shared  # shared information: counted as sent (float32)
             logger.info("site '%s' shares a %s class atlas of %d subjects (epsilon %s)", self.name, atlas["grid"], atlas["subjects"],
                         atlas["epsilon"])
 
@@ -175,7 +178,8 @@ class QuerySite:
         return images if self.card["task"] == "segmentation" else torch.stack(images)
 
     def _accumulate_atlas(self, datalist, key: str) -> AtlasAccumulator:
-        acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"], align=self.policy.atlas_align)
+        acc = AtlasAccumulator(self.card["classes"]["num_classes"], self.spec["spatial_size"], align=self.policy.atlas_align,
+                               value_range=self.spec.get("value_range"))
         for label, image in preprocessed_subjects(self.card, datalist, key):
             acc.add(label, image)
         return acc
@@ -215,37 +219,40 @@ class QuerySite:
             raise QueryBudgetExhausted(self.name, f"its query budget of {budget} queries is exhausted (site policy)")
         self.stats.queries += 1
         self.stats.bytes_received += payload_bytes(request.inputs)
-        x = x.detach().requires_grad_(True)
-        self.network.eval()
-        if self._bn is not None:
-            self._bn.reset()
-        logits = self.network(x)
-        if not torch.isfinite(logits).all():
-            raise SiteAnswerError(self.name, "its network answered NaN/Inf")
-        weights = dict(request.local_weights)
-        values: dict[str, float] = {}
-        local = logits.new_zeros(())
-        entropy = self._entropy(logits)
-        values["entropy"] = float(entropy.detach())
-        local = local + float(weights.get("entropy", 0.0)) * entropy
-        if self._bn is not None:
-            bn = self._bn.value()
-            values["bn_statistics"] = float(bn.detach())
-            local = local + float(weights.get("bn_statistics", 0.0)) * bn
-        if self.discriminator is not None:
-            self.discriminator.eval()
-            realism = realism_loss(self.discriminator(x), mode=self.d_mode)
-            values["realism"] = float(realism.detach())
-            local = local + float(weights.get("realism", 0.0)) * realism
-        grad = None
-        if request.want_input_grad and self.policy.return_gradients:
-            grad = torch.autograd.grad(local, x, retain_graph=True)[0] if local.requires_grad else torch.zeros_like(x)
-            grad = self.policy.release_gradient(grad.cpu(), self._noise)
-            self.ledger.record(grad.shape[0])
-        pre = self.policy.pre_release(logits)  # what a VJP differentiates: the released values before noise
-        outputs, kind, mechanisms = self.policy.release(pre.detach().float().cpu(), self._noise)
-        self.ledger.record(mechanisms)
-        self._last = (x, pre)
+        # a forward-only query (no input-gradient wanted) builds no graph: no VJP can follow it
+        differentiable = bool(request.want_input_grad)
+        x = x.detach().requires_grad_(differentiable)
+        with torch.set_grad_enabled(differentiable):
+            self.network.eval()
+            if self._bn is not None:
+                self._bn.reset()
+            logits = self.network(x)
+            if not torch.isfinite(logits).all():
+                raise SiteAnswerError(self.name, "its network answered NaN/Inf")
+            weights = dict(request.local_weights)
+            values: dict[str, float] = {}
+            local = logits.new_zeros(())
+            entropy = self._entropy(logits)
+            values["entropy"] = float(entropy.detach())
+            local = local + float(weights.get("entropy", 0.0)) * entropy
+            if self._bn is not None:
+                bn = self._bn.value()
+                values["bn_statistics"] = float(bn.detach())
+                local = local + float(weights.get("bn_statistics", 0.0)) * bn
+            if self.discriminator is not None:
+                self.discriminator.eval()
+                realism = realism_loss(self.discriminator(x), mode=self.d_mode)
+                values["realism"] = float(realism.detach())
+                local = local + float(weights.get("realism", 0.0)) * realism
+            grad = None
+            if request.want_input_grad and self.policy.return_gradients:
+                grad = torch.autograd.grad(local, x, retain_graph=True)[0] if local.requires_grad else torch.zeros_like(x)
+                grad = self.policy.release_gradient(grad.cpu(), self._noise)
+                self.ledger.record(grad.shape[0])
+            pre = self.policy.pre_release(logits)  # what a VJP differentiates: the released values before noise
+            outputs, kind, mechanisms = self.policy.release(pre.detach().float().cpu(), self._noise)
+            self.ledger.record(mechanisms)
+        self._last = (x, pre) if differentiable else None
         if request.update_discriminator and self.discriminator is not None:
             values["discriminator_loss"] = self._update_discriminator(x.detach(), request.step)
         answer = SiteAnswer(self.name, outputs, values, grad, kind)
@@ -270,7 +277,7 @@ class QuerySite:
         if not self.policy.return_gradients:
             raise SiteAnswerError(self.name, "its policy returns no gradients: vector-Jacobian products are refused")
         if self._last is None:
-            raise SiteAnswerError(self.name, "vector-Jacobian product requested before any query")
+            raise SiteAnswerError(self.name, "vector-Jacobian product requested without a differentiable query before it (none yet, or a forward-only one)")
         start = time.perf_counter()
         x, released = self._last
         if tuple(cotangent.shape) != tuple(released.shape):

@@ -41,7 +41,10 @@ def payload_bytes(*tensors) -> int:
 
 @dataclass
 class QueryRequest:
-    """What the server sends with synthetic inputs. ``step`` seeds any site-side sampling (reproducible resume)."""
+    """What the server sends with synthetic inputs. ``step`` seeds any site-side sampling (reproducible resume).
+
+    ``want_input_grad=False`` asks a forward-only query: the site returns no local input-gradient and builds no
+    graph, so no VJP may follow it (used to label inputs, e.g. from a frozen generator)."""
 
     inputs: torch.Tensor
     step: int
