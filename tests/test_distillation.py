@@ -162,7 +162,7 @@ def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
 
     d._step = record
     d.run()
-    assert [r.want_input_grad for r in requests] == [True, True, False, False, False]
+    assert [r.forward_only for r in requests] == [False, False, True, True, True]
     assert not any(r.update_discriminator for r in requests[2:])
     assert all(s["vjps"] == 2 and s["queries"] == 5 for s in transport.stats().values())
     for later in snapshots[2:]:  # the generator is as it was after its last update
@@ -179,11 +179,13 @@ def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
 def test_forward_only_query_builds_no_graph_and_refuses_a_vjp(cls_sites):
     site = QuerySite(cls_sites[1][0])
     x = torch.rand(3, 1, 28, 28)
-    ans = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 1.0}, want_input_grad=False))
+    ans = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 1.0}, forward_only=True))
     assert ans.local_input_grad is None and not ans.outputs.requires_grad
     differentiable = site.answer(QueryRequest(x, step=1, local_weights={"entropy": 1.0}))
     torch.testing.assert_close(ans.outputs, differentiable.outputs)  # the same answer, only no gradient
-    site.answer(QueryRequest(x, step=2, local_weights={}, want_input_grad=False))
+    site.answer(QueryRequest(x, step=3, local_weights={}, want_input_grad=False))  # no local gradient, but a VJP may follow
+    assert site.vjp(torch.randn_like(ans.outputs)).shape == x.shape
+    site.answer(QueryRequest(x, step=2, local_weights={}, forward_only=True))
     with pytest.raises(SiteAnswerError, match="forward-only"):
         site.vjp(torch.randn_like(ans.outputs))
 
@@ -249,7 +251,7 @@ def test_site_refuses_inputs_outside_its_spec(cls_sites, tmp_path):
         site.answer(QueryRequest(torch.rand(2, 3, 28, 28), step=0))
     with pytest.raises(SiteAnswerError, match="value range"):
         site.answer(QueryRequest(torch.rand(2, 1, 28, 28) * 5, step=0))
-    with pytest.raises(SiteAnswerError, match="before any query"):
+    with pytest.raises(SiteAnswerError, match="without a differentiable query"):
         site.vjp(torch.zeros(2, 2))
 
 

@@ -439,7 +439,8 @@ class CentralDistillation:
         local = {k: float(self.weights[k]) for k in SITE_LOCAL_TERMS}
         while True:
             try:
-                request = QueryRequest(x.detach(), step, local, want_input_grad=not forward_only, update_discriminator=not forward_only)
+                request = QueryRequest(x.detach(), step, local, want_input_grad=not forward_only, update_discriminator=not forward_only,
+                                       forward_only=forward_only)
                 answers = self.transport.query(request, sites=list(self.active_sites))
             except SiteAnswerError as e:
                 self._drop_site(e.site, str(e), step, by_policy=isinstance(e, QueryBudgetExhausted))

@@ -219,8 +219,8 @@ class QuerySite:
             raise QueryBudgetExhausted(self.name, f"its query budget of {budget} queries is exhausted (site policy)")
         self.stats.queries += 1
         self.stats.bytes_received += payload_bytes(request.inputs)
-        # a forward-only query (no input-gradient wanted) builds no graph: no VJP can follow it
-        differentiable = bool(request.want_input_grad)
+        # a forward-only query builds no graph: no gradient is returned and no VJP can follow it
+        differentiable = not request.forward_only
         x = x.detach().requires_grad_(differentiable)
         with torch.set_grad_enabled(differentiable):
             self.network.eval()
@@ -245,7 +245,7 @@ class QuerySite:
                 values["realism"] = float(realism.detach())
                 local = local + float(weights.get("realism", 0.0)) * realism
             grad = None
-            if request.want_input_grad and self.policy.return_gradients:
+            if differentiable and request.want_input_grad and self.policy.return_gradients:
                 grad = torch.autograd.grad(local, x, retain_graph=True)[0] if local.requires_grad else torch.zeros_like(x)
                 grad = self.policy.release_gradient(grad.cpu(), self._noise)
                 self.ledger.record(grad.shape[0])

@@ -43,14 +43,16 @@ def payload_bytes(*tensors) -> int:
 class QueryRequest:
     """What the server sends with synthetic inputs. ``step`` seeds any site-side sampling (reproducible resume).
 
-    ``want_input_grad=False`` asks a forward-only query: the site returns no local input-gradient and builds no
-    graph, so no VJP may follow it (used to label inputs, e.g. from a frozen generator)."""
+    ``want_input_grad=False``: no local input-gradient (a VJP may still follow). ``forward_only=True``: no gradient of
+    any kind; the site builds no graph and refuses a VJP of this query (used to label inputs, e.g. of a frozen
+    generator)."""
 
     inputs: torch.Tensor
     step: int
     local_weights: Mapping[str, float] = field(default_factory=dict)
     want_input_grad: bool = True
     update_discriminator: bool = True
+    forward_only: bool = False
 
 
 @dataclass

@@ -95,9 +95,11 @@ class FlareSite:
         return json.loads(json.dumps(self.site.card))  # plain builtins only cross
 
     @_decorate("publish")
-    def answer(self, inputs: torch.Tensor, step: int, local_weights: dict, want_input_grad: bool, update_discriminator: bool) -> dict:
+    def answer(self, inputs: torch.Tensor, step: int, local_weights: dict, want_input_grad: bool, update_discriminator: bool,
+               forward_only: bool = False) -> dict:
         with self._lock:
-            ans = self.site.answer(QueryRequest(inputs, int(step), dict(local_weights), bool(want_input_grad), bool(update_discriminator)))
+            ans = self.site.answer(QueryRequest(inputs, int(step), dict(local_weights), bool(want_input_grad), bool(update_discriminator),
+                                                bool(forward_only)))
         return {"outputs": _wire(ans.outputs), "kind": ans.kind, "local_values": dict(ans.local_values),
                 "local_input_grad": _wire(ans.local_input_grad)}
 
@@ -185,7 +187,7 @@ class FlareTransport(Transport):
         names = list(sites or self._proxies)
         x = _wire(request.inputs)
         raw = self._each(lambda p: p.answer(x, int(request.step), dict(request.local_weights), bool(request.want_input_grad),
-                                            bool(request.update_discriminator)), names)
+                                            bool(request.update_discriminator), bool(request.forward_only)), names)
         out = {}
         for n in names:
             r = raw[n]

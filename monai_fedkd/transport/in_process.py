@@ -33,7 +33,7 @@ class InProcessTransport(Transport):
             t0 = time.perf_counter()
             # copies stand for serialisation: the server cannot hold a view into site memory
             req = QueryRequest(request.inputs.detach().clone(), request.step, dict(request.local_weights),
-                               request.want_input_grad, request.update_discriminator)
+                               request.want_input_grad, request.update_discriminator, request.forward_only)
             site = self.__sites[name]
             at_site = site.stats.seconds_at_site
             ans = site.answer(req)
