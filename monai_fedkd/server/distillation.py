@@ -439,8 +439,7 @@ class CentralDistillation:
         local = {k: float(self.weights[k]) for k in SITE_LOCAL_TERMS}
         while True:
             try:
-                request = QueryRequest(x.detach(), step, local, want_input_grad=not forward_only, update_discriminator=not forward_only,
-                                       forward_only=forward_only)
+                request = QueryRequest(x.detach(), step, local, update_discriminator=not forward_only, forward_only=forward_only)
                 answers = self.transport.query(request, sites=list(self.active_sites))
             except SiteAnswerError as e:
                 self._drop_site(e.site, str(e), step, by_policy=isinstance(e, QueryBudgetExhausted))
@@ -485,10 +484,7 @@ class CentralDistillation:
 
     def _generator_step(self, z, labels, step: int, out: dict):
         """One generator update: query the sites, the server's terms, the sites' VJPs, the image priors."""
-        if self.layouts is not None:
-            x = self.generator(z, labels, self._prior)
-        else:
-            x = self.generator(z, labels) if labels is not None else self.generator(z)
+        x = self._synthesize(z, labels)
         answers = self._query(x, step)
 
         t0 = time.perf_counter()
@@ -543,22 +539,29 @@ class CentralDistillation:
             out[f"generator/{k}"] = float(v)
         for k, v in image_terms.items():
             out[f"generator/{k}"] = float(v)
-        for n in names:
-            for k, v in answers[n].local_values.items():
-                out[f"site/{n}/{k}"] = v
+        self._record_site_values(answers, out)
         return x, names, stacked, log_probs
 
     @torch.no_grad()
     def _frozen_generator_sample(self, z, labels, step: int, out: dict):
         """Past ``generator_iterations``: a sample of the frozen generator, labelled by forward-only queries."""
-        x = self.generator(z, labels, self._prior) if self.layouts is not None else (self.generator(z, labels) if labels is not None else self.generator(z))
+        x = self._synthesize(z, labels)
         answers = self._query(x, step, forward_only=True)
         names = list(self.active_sites)
         stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
-        for n in names:
-            for k, v in answers[n].local_values.items():
-                out[f"site/{n}/{k}"] = v
+        self._record_site_values(answers, out)
         return x, names, stacked, ensemble_log_probabilities(stacked, self.expertise)
+
+    def _synthesize(self, z, labels) -> torch.Tensor:
+        if self.layouts is not None:
+            return self.generator(z, labels, self._prior)
+        return self.generator(z, labels) if labels is not None else self.generator(z)
+
+    @staticmethod
+    def _record_site_values(answers, out: dict) -> None:
+        for n, answer in answers.items():
+            for k, v in answer.local_values.items():
+                out[f"site/{n}/{k}"] = v
 
     def _step(self, engine, _batch) -> dict:
         step = engine.state.iteration - 1
