@@ -176,6 +176,34 @@ def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, weights={"class_intensity": 1.0})
 
 
+def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_path):
+    """prior_warmup_iterations update the generator on the server's image priors before the first query: the sites
+    see only the run's own queries, the generator they first see is no longer the initial one, the card says so."""
+    transport = SpyTransport(_sites(cls_sites, tmp_path))
+    d = _distiller(transport, tmp_path, iterations=2, prior_warmup_iterations=3, checkpoint_interval=100)
+    initial = [p.detach().clone() for p in d.generator.parameters()]
+    first_seen = []
+    step = d._step
+
+    def record(engine, batch):
+        if not first_seen:
+            first_seen.extend(p.detach().clone() for p in d.generator.parameters())
+        return step(engine, batch)
+
+    d._step = record
+    d.run()
+    assert all(s["queries"] == 2 and s["vjps"] == 2 for s in transport.stats().values()), "the warm-up asks no site"
+    assert not all(torch.equal(a, b) for a, b in zip(initial, first_seen)), "the warm-up changed the generator"
+    card = json.loads((tmp_path / "central" / "central_card.json").read_text())
+    assert card["prior_warmup_iterations"] == 3 and card["timing"]["prior_warmup_s"] > 0
+    with pytest.raises(ValueError, match="all of their weights"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, prior_warmup_iterations=1, weights={"diversity": 0.0})
+    with pytest.raises(ValueError, match="prior_warmup_iterations must be"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, prior_warmup_iterations=-1)
+    with pytest.raises(ValueError, match="unknown class_intensity_options"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, class_intensity_options={"per_voxel": True})
+
+
 def test_forward_only_query_builds_no_graph_and_refuses_a_vjp(cls_sites):
     site = QuerySite(cls_sites[1][0])
     x = torch.rand(3, 1, 28, 28)
@@ -345,7 +373,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
                        {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
                         "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
-                        "generator_iterations": 1, "weights#class_intensity": 1.0}))
+                        "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
+                        "class_intensity_options": {"per_sample": True}}))
     finally:
         for site_dir, _ in seg_sites:
             (Path(site_dir) / "site_policy.json").unlink()
@@ -357,6 +386,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["layouts"]["options"]["foreground_crop"] == 1.0 and "RandBiasField" in card["student_transform"]
     assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
     assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0
+    assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 

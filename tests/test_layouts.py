@@ -317,3 +317,23 @@ def test_class_intensity_loss_is_the_transport_cost_to_the_sites_quantiles():
         ClassIntensityLoss(levels, quantiles.flip(-1))
     with pytest.raises(ValueError, match=r"x must be \(B, 1"):
         loss(torch.rand(2, 2, 16, 16, 16), layout)
+
+
+def test_per_sample_class_intensity_sees_samples_that_only_match_pooled():
+    """One sample painted too dark and one too bright match the target pooled over the batch; per sample they do not."""
+    from monai_fedkd.losses import ClassIntensityLoss
+
+    levels = torch.linspace(0.01, 0.99, 15)
+    quantiles = (0.2 + 0.6 * levels)[None, None]  # one class ~ U(0.2, 0.8)
+    layout = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    dark, bright = 0.2 + 0.3 * torch.rand(1, 1, 8, 8, 8, generator=g), 0.5 + 0.3 * torch.rand(1, 1, 8, 8, 8, generator=g)
+    x = torch.cat([dark, bright]).requires_grad_(True)
+    pooled, per_sample = ClassIntensityLoss(levels, quantiles), ClassIntensityLoss(levels, quantiles, per_sample=True)
+    assert float(pooled(x, layout)) < 0.01
+    value = per_sample(x, layout)
+    assert abs(float(value.detach()) - 0.15) < 0.01  # each half of U(0.2, 0.8) sits 0.15 away from the whole, on average
+    value.backward()
+    assert (x.grad[0] < 0).all() and (x.grad[1] > 0).all(), "the dark sample is pushed up, the bright one down"
+    same = torch.rand(1, 1, 8, 8, 8, generator=g).expand(2, -1, -1, -1, -1)  # identical samples: both modes agree
+    torch.testing.assert_close(pooled(same, layout), per_sample(same, layout))

@@ -66,6 +66,13 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
                                        "site_options#policy": {"atlas_align": "foreground"}}),
     "layout_class_intensity_30": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 30.0,
                                        "site_options#policy": {"atlas_align": "foreground"}}),
+    # on top of weight 10: 300 server-only generator updates on the intensity prior before the first query, and the
+    # intensity term per sample instead of pooled over the batch
+    "layout_prior_warmup_300": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                     "prior_warmup_iterations": 300, "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_class_intensity_per_sample": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                               "class_intensity_options": {"per_sample": True},
+                                               "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

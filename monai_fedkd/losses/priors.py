@@ -214,10 +214,13 @@ class ClassIntensityLoss(nn.Module):
         levels: ``(L,)`` increasing probabilities in ``[0, 1]``.
         quantiles: ``(channels, classes, L)`` target quantiles; a row of NaN (a class no site reported) is skipped.
         weight: scale of the returned value.
-        min_voxels: fewer voxels of a class in the batch than this say too little about its distribution.
+        min_voxels: fewer voxels of a class in the batch (or sample) than this say too little about its distribution.
+        per_sample: compare each sample's intensities of a class with the target, not the batch's pooled ones (the
+            mean over samples and pairs): a batch in which one sample paints a structure too bright and another too
+            dark matches the target pooled, but neither sample looks like a scan.
     """
 
-    def __init__(self, levels, quantiles, weight: float = 1.0, min_voxels: int = 16) -> None:
+    def __init__(self, levels, quantiles, weight: float = 1.0, min_voxels: int = 16, per_sample: bool = False) -> None:
         super().__init__()
         self.weight = check_weight(weight)
         levels, quantiles = torch.as_tensor(levels, dtype=torch.float32), torch.as_tensor(quantiles, dtype=torch.float32)
@@ -231,6 +234,7 @@ class ClassIntensityLoss(nn.Module):
         self.register_buffer("levels", levels)
         self.register_buffer("quantiles", quantiles)
         self.min_voxels = int(min_voxels)
+        self.per_sample = bool(per_sample)
 
     def forward(self, x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         channels, classes = self.quantiles.shape[:2]
@@ -242,18 +246,20 @@ class ClassIntensityLoss(nn.Module):
         if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
             raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
         levels, quantiles = self.levels.to(x), self.quantiles.to(x)
+        groups = [(x[b:b + 1], layout[b:b + 1]) for b in range(x.shape[0])] if self.per_sample else [(x, layout)]
         terms = []
-        for c in range(classes):
-            mask = layout == c
-            n = int(mask.sum())
-            if n < self.min_voxels:
-                continue
-            ranks = (torch.arange(n, device=x.device, dtype=x.dtype) + 0.5) / n
-            for h in range(channels):
-                if not bool(torch.isfinite(quantiles[h, c]).all()):
+        for xs, ls in groups:
+            for c in range(classes):
+                mask = ls == c
+                n = int(mask.sum())
+                if n < self.min_voxels:
                     continue
-                values = x[:, h][mask].sort().values
-                terms.append((values - _interpolate(ranks, levels, quantiles[h, c])).abs().mean())
+                ranks = (torch.arange(n, device=x.device, dtype=x.dtype) + 0.5) / n
+                for h in range(channels):
+                    if not bool(torch.isfinite(quantiles[h, c]).all()):
+                        continue
+                    values = xs[:, h][mask].sort().values
+                    terms.append((values - _interpolate(ranks, levels, quantiles[h, c])).abs().mean())
         if not terms:
             return x.new_zeros(())
         return self.weight * torch.stack(terms).mean()

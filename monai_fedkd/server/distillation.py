@@ -237,6 +237,13 @@ class CentralDistillation:
             answers only label the student's inputs. Once the generator has stopped improving (the layout generator
             plateaus after a few hundred steps) this spends the budget on the student: a forward-only query costs
             the sites about a third of a query with its VJP, and releases no gradient. ``None``: every iteration.
+        prior_warmup_iterations: before the first query, this many generator updates on the server's image priors
+            alone (``class_intensity``, ``tv``, ``diversity``; with their own optimizer state). No site is asked, so
+            nothing is released and the sites' compute is not spent on a generator that still paints intensities no
+            scan has. They count against ``max_seconds``. Needs one of those weights above 0; a resumed run skips them
+            (the checkpoint holds the generator). 0: none.
+        class_intensity_options: keyword arguments of :class:`~monai_fedkd.losses.ClassIntensityLoss` besides its
+            weight (``per_sample``, ``min_voxels``), for ``weights.class_intensity``.
         max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
             as after ``iterations`` (the card records the steps done). ``None``: no budget. A resumed run counts
             from its restart.
@@ -275,6 +282,8 @@ class CentralDistillation:
         max_seconds: float | None = None,
         student_transform=None,
         generator_iterations: int | None = None,
+        prior_warmup_iterations: int = 0,
+        class_intensity_options: Mapping | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -302,6 +311,9 @@ class CentralDistillation:
         if generator_iterations is not None and int(generator_iterations) < 0:
             raise ValueError(f"generator_iterations must be >= 0 or None, got {generator_iterations}")
         self.generator_iterations = None if generator_iterations is None else int(generator_iterations)
+        if int(prior_warmup_iterations) < 0:
+            raise ValueError(f"prior_warmup_iterations must be >= 0, got {prior_warmup_iterations}")
+        self.prior_warmup_iterations = int(prior_warmup_iterations)
         self.stopped_by_budget = False
         if not 0.0 <= float(boundary_fraction) <= 1.0:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
@@ -343,6 +355,10 @@ class CentralDistillation:
             "diversity": DiversityLoss(weight=self.weights["diversity"]),
             "layout_dice": LayoutDiceLoss(weight=self.weights["layout_dice"]),
         }
+        self.class_intensity_options = dict(class_intensity_options or {})
+        unknown = set(self.class_intensity_options) - {"per_sample", "min_voxels"}
+        if unknown:
+            raise ValueError(f"unknown class_intensity_options {sorted(unknown)}; known: ['min_voxels', 'per_sample']")
         if self.weights["class_intensity"]:
             if self.layouts is None:
                 raise ValueError("weights.class_intensity is for the layout-conditioned generator (segmentation): it compares "
@@ -353,11 +369,15 @@ class CentralDistillation:
             levels, quantiles = self.class_intensity
             if quantiles.shape[0] != self.generator.out_channels:
                 raise ValueError(f"the sites' class intensity quantiles have {quantiles.shape[0]} channels, the generator paints {self.generator.out_channels}")
-            self.terms["class_intensity"] = ClassIntensityLoss(levels, quantiles, weight=self.weights["class_intensity"]).to(self.device)
+            self.terms["class_intensity"] = ClassIntensityLoss(levels, quantiles, weight=self.weights["class_intensity"],
+                                                               **self.class_intensity_options).to(self.device)
+        if self.prior_warmup_iterations and not any(self.weights[k] for k in ("class_intensity", "tv", "diversity")):
+            raise ValueError("prior_warmup_iterations trains the generator on the server's image priors alone, and all of their "
+                             "weights (class_intensity, tv, diversity) are 0")
         if student_transform is not None and not callable(student_transform):
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
-        self.timing = {"server_s": 0.0, "student_s": 0.0}
+        self.timing = {"server_s": 0.0, "student_s": 0.0, "prior_warmup_s": 0.0}
 
     def _layout_sampler(self, options: Mapping | None) -> LayoutSampler:
         """Layouts from the atlases the sites chose to share (their policy); refuses when none does."""
@@ -416,8 +436,8 @@ class CentralDistillation:
     def _rng(self, step: int, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 8 + stream)
 
-    def _sample(self, step: int):
-        g = self._rng(step, 0)
+    def _sample(self, step: int, stream: int = 0):
+        g = self._rng(step, stream)
         z = torch.randn(self.batch_size, self.generator.latent_dim, generator=g)
         if self.layouts is not None:
             layouts, prior = self.layouts.sample_with_prior(self.batch_size, g)
@@ -527,10 +547,7 @@ class CentralDistillation:
                 grad_x = grad_x + vjps[n].to(self.device)
             if answers[n].local_input_grad is not None:
                 grad_x = grad_x + answers[n].local_input_grad.to(self.device)
-        # layouts differ per sample anyway: diversity compares all pairs then
-        image_terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, None if self.layouts is not None else _hard(labels))}
-        if "class_intensity" in self.terms:
-            image_terms["class_intensity"] = self.terms["class_intensity"](x, labels)
+        image_terms = self._image_terms(x, z, labels)
         self.g_optimizer.zero_grad(set_to_none=True)
         ((x * grad_x.detach()).sum() + sum(image_terms.values())).backward()
         self.g_optimizer.step()
@@ -541,6 +558,33 @@ class CentralDistillation:
             out[f"generator/{k}"] = float(v)
         self._record_site_values(answers, out)
         return x, names, stacked, log_probs
+
+    def _image_terms(self, x, z, labels) -> dict:
+        """The server's priors on the synthetic inputs themselves (no site involved)."""
+        # layouts differ per sample anyway: diversity compares all pairs then
+        terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, None if self.layouts is not None else _hard(labels))}
+        if "class_intensity" in self.terms:
+            terms["class_intensity"] = self.terms["class_intensity"](x, labels)
+        return terms
+
+    def _prior_warmup(self) -> None:
+        """``prior_warmup_iterations`` generator updates on the image priors only; no query leaves the server."""
+        t0 = time.perf_counter()
+        optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.g_optimizer.defaults["lr"], betas=self.g_optimizer.defaults["betas"])
+        self.generator.train()
+        for step in range(self.prior_warmup_iterations):
+            torch.manual_seed(self.seed * 1_000_003 + step + 7_919)  # the generator's noise channels, distinct from the run's
+            z, labels = self._sample(step, stream=3)
+            terms = self._image_terms(self._synthesize(z, labels), z, labels)
+            optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            optimizer.step()
+            if self.writer is not None:
+                for k, v in terms.items():
+                    self.writer.add_scalar(f"prior_warmup/{k}", float(v), step + 1)
+        self.timing["prior_warmup_s"] += time.perf_counter() - t0
+        logger.info("generator warmed up on the image priors for %d iterations (%.1f s): %s", self.prior_warmup_iterations,
+                    self.timing["prior_warmup_s"], {k: round(float(v), 4) for k, v in terms.items()})
 
     @torch.no_grad()
     def _frozen_generator_sample(self, z, labels, step: int, out: dict):
@@ -690,6 +734,8 @@ class CentralDistillation:
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
             "generator_iterations": self.generator_iterations,
+            "prior_warmup_iterations": self.prior_warmup_iterations,
+            "class_intensity_options": self.class_intensity_options,
             "student_transform": _describe(self.student_transform),
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
@@ -722,6 +768,7 @@ class CentralDistillation:
         ckpt_dir = self.output_dir / "checkpoints"
         engine = Engine(self._step)
         to_save = self._checkpoint_objects(engine)
+        resumed = False
         if self.resume:
             ckpts = sorted(ckpt_dir.glob("distill_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
             if ckpts:
@@ -730,6 +777,7 @@ class CentralDistillation:
                 self._restore_extra(it)  # first: sites dropped before the checkpoint are not asked for their state
                 self.transport.load_site_states(f"iter_{it}", sites=list(self.active_sites))
                 logger.info("resuming from %s (iteration %d)", ckpts[-1], it)
+                resumed = True
             else:
                 logger.warning("resume requested but no checkpoint in %s: starting from scratch", ckpt_dir)
         elif ckpt_dir.exists():
@@ -761,6 +809,8 @@ class CentralDistillation:
                     e.terminate()
 
             engine.add_event_handler(Events.ITERATION_COMPLETED, over_budget)
+        if self.prior_warmup_iterations and not resumed:
+            self._prior_warmup()
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.montage_interval), self._write_montage)
         engine.add_event_handler(Events.COMPLETED, self._write_montage)
         engine.add_event_handler(Events.COMPLETED, self._finish)
