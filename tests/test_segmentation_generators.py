@@ -69,3 +69,26 @@ def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
     # the sites of seed 0 were trained anew: what was made from the old ones is dropped
     merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [rec("c", 60.0, "s2", 0.4)]})
     assert [(r["variant"], r["sites_sha256"]) for r in merged["runs"]] == [("c", "s2")]
+
+
+def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path):
+    """A variant run on more seeds must not be ranked by seeds the others never ran; each finalist seed is held to its
+    own sites' references."""
+    from monai_fedkd.benchmarks.segmentation_generators import write_markdown
+
+    def rec(variant, seed, val, test, ens, local):
+        return {"seed": seed, "variant": variant, "seconds": 60.0, "steps": 10, "validation": {"mean_dice": val},
+                "pooled": {"mean_dice": test, "dice": {"a": test}},
+                "reference": {"ensemble_weighted": {"mean_dice": ens}, "mean_local": {"mean_dice": local}}}
+
+    runs = [rec("x", 0, 0.50, 0.50, 0.60, 0.52), rec("x", 1, 0.90, 0.90, 0.95, 0.80), rec("y", 0, 0.55, 0.56, 0.60, 0.52)]
+    page = tmp_path / "results.md"
+    write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": runs}, page)
+    text = page.read_text()
+    screening = text.split("Finalists")[0]
+    assert "seed(s) 0 " in screening and screening.index("| y (60 s)") < screening.index("| x (60 s)"), "y wins on the shared seed"
+    assert "| x (60 s) | 0.500 | 0.500 |" in screening, "x's seed 1 stays out of the screening table"
+    finalists = text.split("Finalists")[1]
+    assert "| x (60 s) | 0 | 0.500 | 0.500 | 0.540 | 0.520 | -0.040 |" in finalists  # the stricter of 0.9 x 0.60 and 0.52
+    assert "| x (60 s) | 1 | 0.900 | 0.900 | 0.855 | 0.800 | +0.045 |" in finalists
+    assert "| y (60 s) |" not in finalists, "a variant of one seed is no finalist"

@@ -304,42 +304,73 @@ def _merge_published(out_json: Path, results: dict) -> dict:
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
 
 
+def _reference(r: dict) -> dict:
+    """A run's references on test: weighted ensemble, the target 0.9 x ensemble, mean local model."""
+    ref = r.get("reference") or {}
+    ens, local = (ref.get("ensemble_weighted") or {}).get("mean_dice"), (ref.get("mean_local") or {}).get("mean_dice")
+    return {"ensemble": ens, "target": None if ens is None else 0.9 * ens, "local": local}
+
+
 def write_markdown(results: dict, page: Path) -> None:
+    """The screening table (every variant on the seeds all of them ran, so that rows compare like with like) and the
+    finalists' table (every variant run on more than one seed: each seed against its own references and the target)."""
     name = results["benchmark"]
     by_variant: dict[str, list[dict]] = {}
     for r in results["runs"]:
         by_variant.setdefault(f"{r['variant']} ({r.get('seconds', results['seconds_per_variant']):.0f} s)", []).append(r)
+    screen = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in by_variant.values()])) if by_variant else []
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
-    ref = results["runs"][0]["reference"] if results["runs"] else None
-    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
-             "Pooled Dice of the central model per generator variant and distillation budget, mean over seeds: on the sites' validation "
-             "splits (what variants are chosen by) and on their test splits (reported, never chosen by), with the test Dice per "
-             "foreground class. Same sites and split for every variant.", "",
-             "| variant | seeds | validation Dice | test Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
-             "|---|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
+    fmt = lambda x: "–" if x is None or x != x else f"{x:.3f}"  # noqa: E731
+    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
+             f"Pooled Dice of the central model per generator variant and distillation budget on seed(s) {', '.join(map(str, screen)) or '–'} "
+             "(the seeds every variant ran): on the sites' validation splits (what variants are chosen by) and on their test splits "
+             "(reported, never chosen by), with the test Dice per foreground class. Same sites and split for every variant.", "",
+             "| variant | validation Dice | test Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
+             "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
+
     def rank(rs):  # by validation Dice where recorded
         val = [r["validation"]["mean_dice"] for r in rs if r.get("validation")]
         return -(mean(val) if val else mean([r["pooled"]["mean_dice"] or 0 for r in rs]))
 
-    for v, rs in sorted(by_variant.items(), key=lambda kv: rank(kv[1])):
+    screened = {v: [r for r in rs if r["seed"] in screen] for v, rs in by_variant.items()}
+    for v, rs in sorted(screened.items(), key=lambda kv: rank(kv[1])):
         per_class = [mean([r["pooled"]["dice"].get(c) for r in rs if r["pooled"]["dice"].get(c) is not None]) for c in classes]
         ld = [r["generator/layout_agreement"] for r in rs if "generator/layout_agreement" in r]
         fg = [r["generator/foreground_fraction"] for r in rs if "generator/foreground_fraction" in r]
         val = [r["validation"]["mean_dice"] for r in rs if r.get("validation")]
-        lines.append(f"| {v} | {','.join(str(r['seed']) for r in rs)} | " + (f"{mean(val):.3f}" if val else "–")
-                     + f" | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
-                     + " | ".join(f"{x:.3f}" for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
-                     + (f"{mean([r['wall_s'] for r in rs if r.get('wall_s')]):.0f}" if any(r.get("wall_s") for r in rs) else "–") + " | "
-                     + (f"{mean(ld):.3f}" if ld else "–") + " | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
-    if ref:
-        lines += ["", f"References (seed {results['runs'][0]['seed']}): weighted ensemble {ref['ensemble_weighted']['mean_dice']:.3f}, "
-                  f"mean ensemble {ref['ensemble_mean']['mean_dice']:.3f}, mean local model {ref['mean_local']['mean_dice']:.3f}. "
-                  "Target: central ≥ 0.9 × ensemble and ≥ mean local."]
+        walls = [r["wall_s"] for r in rs if r.get("wall_s")]
+        lines.append(f"| {v} | {fmt(mean(val) if val else None)} | {mean([r['pooled']['mean_dice'] or 0 for r in rs]):.3f} | "
+                     + " | ".join(fmt(x) for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
+                     + (f"{mean(walls):.0f}" if walls else "–") + f" | {fmt(mean(ld) if ld else None)} | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
+    for seed in screen:
+        ref = next((_reference(r) for r in results["runs"] if r["seed"] == seed and r.get("reference")), None)
+        if ref:
+            lines += ["", f"References (seed {seed}, test): weighted ensemble {fmt(ref['ensemble'])}, target 0.9 × ensemble {fmt(ref['target'])}, "
+                      f"mean local model {fmt(ref['local'])}. Target: central ≥ 0.9 × ensemble and ≥ mean local."]
+    finalists = {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in by_variant.items() if len({r["seed"] for r in rs}) > 1}
+    if finalists:
+        lines += ["", "Finalists, every seed against its own sites' references (test Dice; the target: ≥ 0.9 × the weighted ensemble "
+                  "and ≥ the mean local model):", "",
+                  "| variant | seed | validation Dice | test Dice | 0.9 × ensemble | mean local | gap to the target |", "|---|---|---|---|---|---|---|"]
+        for v, rs in finalists.items():
+            gaps = []
+            for r in rs:
+                ref, test = _reference(r), r["pooled"]["mean_dice"]
+                bar = max(x for x in (ref["target"], ref["local"]) if x is not None) if any(x is not None for x in (ref["target"], ref["local"])) else None
+                gap = None if bar is None or test is None else test - bar
+                gaps.append(gap)
+                lines.append(f"| {v} | {r['seed']} | {fmt((r.get('validation') or {}).get('mean_dice'))} | {fmt(test)} | {fmt(ref['target'])} | "
+                             f"{fmt(ref['local'])} | {'–' if gap is None else f'{gap:+.3f}'} |")
+            refs = [_reference(r) for r in rs]
+            col = lambda k: [x[k] for x in refs if x[k] is not None]  # noqa: E731
+            lines.append(f"| {v} | mean | {fmt(mean([r['validation']['mean_dice'] for r in rs if r.get('validation')]))} | "
+                         f"{fmt(mean([r['pooled']['mean_dice'] for r in rs if r['pooled']['mean_dice'] is not None]))} | {fmt(mean(col('target')))} | "
+                         f"{fmt(mean(col('local')))} | " + (f"{mean([g for g in gaps if g is not None]):+.3f}" if any(g is not None for g in gaps) else "–") + " |")
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
               "`docs/results/segmentation_generators/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
-              f"--seconds S --variants ...` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
+              f"--seconds S --seeds K --variants ...` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
     write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
 
 
