@@ -354,15 +354,13 @@ def write_markdown(results: dict, page: Path) -> None:
                   "and ≥ the mean local model):", "",
                   "| variant | seed | validation Dice | test Dice | 0.9 × ensemble | mean local | gap to the target |", "|---|---|---|---|---|---|---|"]
         for v, rs in finalists.items():
-            gaps = []
-            for r in rs:
-                ref, test = _reference(r), r["pooled"]["mean_dice"]
-                bar = max(x for x in (ref["target"], ref["local"]) if x is not None) if any(x is not None for x in (ref["target"], ref["local"])) else None
-                gap = None if bar is None or test is None else test - bar
+            refs, gaps = [_reference(r) for r in rs], []
+            for r, ref in zip(rs, refs):
+                test, bars = r["pooled"]["mean_dice"], [x for x in (ref["target"], ref["local"]) if x is not None]
+                gap = test - max(bars) if bars and test is not None else None  # the stricter of the two targets
                 gaps.append(gap)
                 lines.append(f"| {v} | {r['seed']} | {fmt((r.get('validation') or {}).get('mean_dice'))} | {fmt(test)} | {fmt(ref['target'])} | "
                              f"{fmt(ref['local'])} | {'–' if gap is None else f'{gap:+.3f}'} |")
-            refs = [_reference(r) for r in rs]
             col = lambda k: [x[k] for x in refs if x[k] is not None]  # noqa: E731
             lines.append(f"| {v} | mean | {fmt(mean([r['validation']['mean_dice'] for r in rs if r.get('validation')]))} | "
                          f"{fmt(mean([r['pooled']['mean_dice'] for r in rs if r['pooled']['mean_dice'] is not None]))} | {fmt(mean(col('target')))} | "

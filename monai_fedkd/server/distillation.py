@@ -433,8 +433,11 @@ class CentralDistillation:
         self._refresh_site_weights()
 
     # ---- one iteration ----------------------------------------------------------------------------------------
+    def _stream_seed(self, step: int, stream: int) -> int:
+        return (self.seed * 1_000_003 + step) * 8 + stream
+
     def _rng(self, step: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 8 + stream)
+        return torch.Generator().manual_seed(self._stream_seed(step, stream))
 
     def _sample(self, step: int, stream: int = 0):
         g = self._rng(step, stream)
@@ -573,7 +576,7 @@ class CentralDistillation:
         optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.g_optimizer.defaults["lr"], betas=self.g_optimizer.defaults["betas"])
         self.generator.train()
         for step in range(self.prior_warmup_iterations):
-            torch.manual_seed(self.seed * 1_000_003 + step + 7_919)  # the generator's noise channels, distinct from the run's
+            torch.manual_seed(self._stream_seed(step, 3))  # the generator's noise channels
             z, labels = self._sample(step, stream=3)
             terms = self._image_terms(self._synthesize(z, labels), z, labels)
             optimizer.zero_grad(set_to_none=True)
