@@ -202,6 +202,8 @@ def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, prior_warmup_iterations=-1)
     with pytest.raises(ValueError, match="unknown class_intensity_options"):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, class_intensity_options={"per_voxel": True})
+    with pytest.raises(ValueError, match="student_dice_weight is for segmentation"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, student_dice_weight=1.0)
 
 
 def test_forward_only_query_builds_no_graph_and_refuses_a_vjp(cls_sites):
@@ -374,7 +376,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
                         "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
                         "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
-                        "class_intensity_options": {"per_sample": True}}))
+                        "class_intensity_options": {"per_sample": True}, "student_dice_weight": 0.5}))
     finally:
         for site_dir, _ in seg_sites:
             (Path(site_dir) / "site_policy.json").unlink()
@@ -387,6 +389,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
     assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
+    assert card["student_dice_weight"] == 0.5
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 

@@ -236,6 +236,39 @@ def test_distillation_voxelwise_shapes():
     assert _finite(DistillationLoss()(student.detach() * 1e4, hard))
 
 
+def test_distillation_dice_weighs_a_small_structure_like_a_large_one():
+    """The same number of voxels wrong costs the same KL whatever class they belong to; with the Dice term, losing a
+    small structure costs more than eroding a large one by as many voxels."""
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[:, :4] = 1  # a large structure (256 voxels)
+    labels[:, 7, 7, :4] = 2  # a small one (4 voxels)
+    teacher = F.one_hot(labels, 3).movedim(-1, 1).float() * 0.97 + 0.01
+    def student_with(wrong):  # logits matching the teacher except at ``wrong``, answered as background
+        answer = labels.clone()
+        answer[wrong] = 0
+        return torch.log(F.one_hot(answer, 3).movedim(-1, 1).float() * 0.97 + 0.01)
+    small_lost = student_with(labels == 2)
+    large_eroded = student_with((labels == 1) & (torch.arange(512).reshape(1, 8, 8, 8) < 4))
+    kl, with_dice = DistillationLoss(), DistillationLoss(dice_weight=1.0)
+    assert num(kl(small_lost, teacher)) == pytest.approx(num(kl(large_eroded, teacher)), rel=1e-5)
+    dice_cost = {k: num(with_dice(x, teacher)) - num(kl(x, teacher)) for k, x in (("small", small_lost), ("large", large_eroded))}
+    assert dice_cost["small"] > 0.1 and dice_cost["small"] > 10 * dice_cost["large"], dice_cost
+    # matching the teacher costs nothing in either term, whatever form the teacher is given in
+    assert abs(num(with_dice(teacher.log(), teacher))) < 1e-5
+    assert abs(num(DistillationLoss(dice_weight=1.0, teacher_input="log_probs")(teacher.log(), teacher.log()))) < 1e-5
+    student = small_lost.clone().requires_grad_(True)
+    with_dice(student, teacher).backward()
+    assert _finite(student.grad)
+    with pytest.raises(ValueError, match="dice_weight must be >= 0"):
+        DistillationLoss(dice_weight=-1.0)
+    with pytest.raises(ValueError, match="mode='kl' and reduction='mean'"):
+        DistillationLoss(dice_weight=1.0, mode="mse")
+    with pytest.raises(ValueError, match="mode='kl' and reduction='mean'"):
+        DistillationLoss(dice_weight=1.0, reduction="none")
+    with pytest.raises(ValueError, match="segmentation logits"):
+        with_dice(torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1))
+
+
 def test_weight_zero_keeps_graph():
     f = torch.randn(4, 3, requires_grad=True)
     value = ConsensusLoss(weight=0.0)([f, f * 2])

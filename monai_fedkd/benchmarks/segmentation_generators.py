@@ -73,6 +73,9 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_class_intensity_per_sample": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                                "class_intensity_options": {"per_sample": True},
                                                "site_options#policy": {"atlas_align": "foreground"}}),
+    # on top of weight 10: the student's loss adds a soft Dice term over the foreground classes to the voxel-wise KL
+    "layout_student_dice_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                   "student_dice_weight": 1.0, "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 
@@ -94,7 +97,8 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
     # the bound trains on the sites' real patches: they load them whatever the data-free default says
     parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True})
-    cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup")}
+    cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup",
+                                                     "student_dice_weight")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
     sites, size = parser.get_parsed_content("query_sites"), parser.get_parsed_content("synthesis_size")
     cards = transport.site_cards()
@@ -102,7 +106,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     num_classes = cards[names[0]]["classes"]["num_classes"]
     expertise = site_weights([cards[n].get("class_counts") for n in names], num_classes)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg["student_lr"])
-    ema, cache, loss_fn = _EMA(student, cfg["ema_decay"], warmup=cfg["ema_warmup"]), SampleCache(cfg["cache_size"]), DistillationLoss(weight=1.0)
+    ema, cache, loss_fn = _EMA(student, cfg["ema_decay"], warmup=cfg["ema_warmup"]), SampleCache(cfg["cache_size"]), DistillationLoss(dice_weight=cfg["student_dice_weight"])
     g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         site = sites[step % len(sites)]

@@ -75,6 +75,12 @@ class DistillationLoss(nn.Module):
     * ``"log_probs"``: ensemble log-probabilities at temperature ``T`` (most stable);
     * ``"logits"``: teacher logits; ``softmax(teacher / T)`` is used.
 
+    ``dice_weight > 0`` (segmentation, ``mode="kl"``, ``reduction="mean"``) adds ``dice_weight`` times MONAI's soft
+    Dice loss (:class:`monai.losses.DiceLoss` with ``soft_label=True``) between the student's tempered softmax and the
+    teacher's probabilities, over the foreground classes, pooled over the batch. The voxel-wise KL is dominated by the
+    background and the large structures; the Dice term weighs every class alike, as the metric the central model is
+    judged by does, so that small structures the sites agree on are not traded away.
+
     ``mode="mse"``: ``mean_c (student - teacher)^2`` per sample/voxel; with ``reduction="mean"`` this is
     exactly ``F.mse_loss(student, teacher)`` (mean over all elements). This is the ``T -> inf`` limit of the
     KL term (up to constants), computed directly; ``temperature`` is ignored. The teacher must be logits
@@ -86,6 +92,7 @@ class DistillationLoss(nn.Module):
         temperature: ``T > 0`` (kl only).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B, *spatial)``).
         teacher_input: see above; ``None`` picks ``"probs"`` for kl and ``"logits"`` for mse.
+        dice_weight: weight of the soft Dice term relative to the KL term (see above); 0: KL only.
 
     ``forward(student_logits, teacher)``: both ``(B, N, *spatial)`` of the same shape. Gradients flow into
     both arguments (detach the teacher to distil the student only).
@@ -98,6 +105,7 @@ class DistillationLoss(nn.Module):
         temperature: float = 1.0,
         reduction: str = "mean",
         teacher_input: str | None = None,
+        dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("kl", "mse"):
@@ -113,10 +121,23 @@ class DistillationLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.reduction = check_reduction(reduction)
         self.teacher_input = teacher_input
+        self.dice_weight = check_weight(dice_weight)
+        if self.dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+        self.dice = None
+        if self.dice_weight:
+            if mode != "kl" or self.reduction != "mean":
+                raise ValueError(f"dice_weight > 0 compares probabilities over a whole batch: it needs mode='kl' and reduction='mean', "
+                                 f"got mode={mode!r}, reduction={self.reduction!r}")
+            from monai.losses import DiceLoss
+
+            self.dice = DiceLoss(include_background=False, batch=True, soft_label=True)
 
     def forward(self, student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         check_logits(student_logits, "student_logits")
         _same_shape(student_logits, teacher, "DistillationLoss student vs teacher")
+        if self.dice is not None and (student_logits.ndim < 3 or student_logits.shape[1] < 2):
+            raise ValueError(f"dice_weight > 0 is for segmentation logits (B, N >= 2, *spatial), got {tuple(student_logits.shape)}")
         if self.mode == "mse":
             per_element = (student_logits - teacher).pow(2).mean(1)
             return self.weight * reduce(per_element, self.reduction)
@@ -128,7 +149,13 @@ class DistillationLoss(nn.Module):
         else:
             log_t = teacher if self.teacher_input == "log_probs" else torch.log_softmax(teacher / t, dim=1)
             per_element = _kl_from_log(log_t, log_s)
-        return self.weight * (t * t) * reduce(per_element, self.reduction)
+        value = (t * t) * reduce(per_element, self.reduction)
+        if self.dice is not None:
+            teacher_probs = {"probs": teacher, "log_probs": teacher.exp()}.get(self.teacher_input)
+            if teacher_probs is None:
+                teacher_probs = torch.softmax(teacher / t, dim=1)
+            value = value + self.dice_weight * self.dice(log_s.exp(), teacher_probs)
+        return self.weight * value
 
 
 # ------------------------------------------------------------------------------------------------- consensus

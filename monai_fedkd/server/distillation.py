@@ -207,6 +207,9 @@ class CentralDistillation:
         student_steps / student_batch_size: student updates per generator step, drawn from the sample cache.
         weights: loss weights (see ``DEFAULT_WEIGHTS``); site-local ones are sent to the sites with each query.
         temperature / distill_mode: student loss, "kl" at temperature T or "mse" on logits.
+        student_dice_weight: segmentation with ``distill_mode="kl"``: adds this times a soft Dice term between the
+            student and the ensemble over the foreground classes (:class:`~monai_fedkd.losses.DistillationLoss`
+            ``dice_weight``), so that small structures weigh as much as in the Dice the model is judged by. 0: KL only.
         cache_size: capacity of the sample cache.
         boundary_fraction: share of each generator batch (classification) whose target is a random mixture of two
             classes instead of one class: inputs between classes, where the student must learn the sites' ranking.
@@ -264,6 +267,7 @@ class CentralDistillation:
         weights: Mapping[str, float] | None = None,
         temperature: float = 1.0,
         distill_mode: str = "kl",
+        student_dice_weight: float = 0.0,
         cache_size: int = 512,
         boundary_fraction: float = 1.0,
         ema_decay: float = 0.999,
@@ -342,7 +346,9 @@ class CentralDistillation:
         self.ema = _EMA(self.student, ema_decay, warmup=ema_warmup)
         self.cache = SampleCache(cache_size)
         self.temperature = float(temperature)
-        self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature)
+        if student_dice_weight and self.task != "segmentation":
+            raise ValueError(f"student_dice_weight is for segmentation (a Dice over classes of voxels); these sites do {self.task}")
+        self.distill = DistillationLoss(weight=1.0, mode=distill_mode, temperature=temperature, dice_weight=student_dice_weight)
         self.layouts = self._layout_sampler(layout_options) if getattr(generator, "layout_conditioned", False) else None
         self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
         self.terms = {
@@ -736,6 +742,7 @@ class CentralDistillation:
             "batch_size": self.batch_size,
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
+            "student_dice_weight": self.distill.dice_weight,
             "generator_iterations": self.generator_iterations,
             "prior_warmup_iterations": self.prior_warmup_iterations,
             "class_intensity_options": self.class_intensity_options,
