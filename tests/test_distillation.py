@@ -315,9 +315,14 @@ def test_bundle_2d_classification(cls_sites, tmp_path):
     sites = _sites_json(tmp_path / "sites.json", cls_sites)
     out = tmp_path / "central"
     _ok(run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(out), "iterations": 3, "batch_size": 8,
-                                                          "student_batch_size": 8, "checkpoint_interval": 2, "montage_interval": 2}))
+                                                          "student_batch_size": 8, "checkpoint_interval": 2, "montage_interval": 2,
+                                                          "ensemble_combination": "product"}))
     net, card = load_site_model(out)
     assert card["iterations"] == 3 and card["network_def"]["name"] == "monai.networks.nets.Classifier"
+    assert card["ensemble_combination"] == "product"
+    refused = run_bundle("central_distillation", "train.json", {"sites": str(sites), "output_dir": str(tmp_path / "refused"), "iterations": 1,
+                                                                "ensemble_combination": "median"})
+    assert refused.returncode != 0 and "ensemble_combination must be one of" in refused.stdout + refused.stderr
 
 
 def test_bundle_3d_classification(adrenal_dir, tmp_path):

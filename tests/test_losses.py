@@ -178,6 +178,30 @@ def test_ensemble_class_share_weights_match_renormalised_sum():
     assert torch.allclose(ensemble_log_probabilities(sites, w).exp().sum(1), torch.ones(6), atol=1e-6)
 
 
+def test_ensemble_product_keeps_what_one_class_sites_tell_apart():
+    """Two sites that each saw one class answer it with near certainty on both inputs; only their log-odds differ
+    (each is less sure of its class on the input of the other). The mixture of their probabilities ranks the two
+    inputs alike; their product (geometric mean) ranks the second input far above the first."""
+    normal_site = torch.tensor([[20.0, 0.0], [10.0, 0.0]])  # logits (normal, pneumonia) on inputs 1 and 2
+    pneumonia_site = torch.tensor([[0.0, 10.0], [0.0, 20.0]])
+    sites = [normal_site, pneumonia_site]
+    mixture = ensemble_probabilities(sites)[:, 1]
+    product = ensemble_probabilities(sites, combination="product")[:, 1]
+    assert float(mixture[1] - mixture[0]) < 1e-3
+    assert float(product[1] - product[0]) > 0.9
+    # the product is the renormalised geometric mean of the sites' probabilities
+    logits = [torch.randn(5, 4, 3, 3) * 3 for _ in range(3)]
+    geometric = torch.stack([torch.softmax(f, 1) for f in logits]).prod(0) ** (1 / 3)
+    torch.testing.assert_close(ensemble_probabilities(logits, combination="product"), geometric / geometric.sum(1, keepdim=True))
+    # per-class weights: a site with weight 0 for every class has no say; the result is a distribution
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 1.0]])
+    without = ensemble_log_probabilities([logits[0], torch.randn(5, 4, 3, 3) * 9, logits[2]], w, combination="product")
+    torch.testing.assert_close(without, ensemble_log_probabilities(logits, w, combination="product"))
+    torch.testing.assert_close(without.exp().sum(1), torch.ones(5, 3, 3))
+    with pytest.raises(ValueError, match="combination must be one of"):
+        ensemble_log_probabilities(logits, combination="median")
+
+
 def test_ensemble_huge_logits_finite_gradients():
     sites = [(torch.randn(4, 3, 2, 2) * 1e4).requires_grad_() for _ in range(3)]
     w = site_weights([[1, 0, 0], [0, 1, 0], [1, 1, 1]], 3)

@@ -27,7 +27,7 @@ from .distillation import (
     entropy,
     generalized_js_divergence,
 )
-from .ensemble import class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
+from .ensemble import ENSEMBLE_COMBINATIONS, class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
 from .priors import BatchNormStatisticsLoss, ClassIntensityLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "TotalVariationLoss",
     "bn_statistics_loss",
     "class_prior_from_counts",
+    "ENSEMBLE_COMBINATIONS",
     "ensemble_log_probabilities",
     "ensemble_probabilities",
     "entropy",

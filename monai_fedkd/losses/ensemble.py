@@ -15,6 +15,7 @@ import torch
 from ._utils import check_temperature, stack_sites
 
 __all__ = [
+    "ENSEMBLE_COMBINATIONS",
     "site_weights",
     "contrast_counts",
     "withheld_sites",
@@ -123,6 +124,10 @@ def class_prior_from_counts(class_counts: Sequence[Sequence[float] | None], num_
     return (total / total.sum()).to(torch.get_default_dtype())
 
 
+#: how :func:`ensemble_log_probabilities` combines the sites: a weighted mean of probabilities, or of log-probabilities
+ENSEMBLE_COMBINATIONS = ("mixture", "product")
+
+
 def _log_weights(weights: torch.Tensor, k_sites: int, ndim: int, ref: torch.Tensor) -> torch.Tensor:
     """``log W`` shaped ``(K, 1, N or 1, 1, ...)`` to broadcast against stacked ``(K, B, N, *spatial)``."""
     w = torch.as_tensor(weights, dtype=ref.dtype, device=ref.device)
@@ -142,6 +147,7 @@ def ensemble_log_probabilities(
     site_logits: Sequence[torch.Tensor] | torch.Tensor,
     weights: torch.Tensor | None = None,
     temperature: float = 1.0,
+    combination: str = "mixture",
 ) -> torch.Tensor:
     """Log-probabilities of the class-share weighted ensemble, computed in log space.
 
@@ -156,14 +162,30 @@ def ensemble_log_probabilities(
             or ``None`` for the plain mean of the sites' softmax probabilities. Zero entries are allowed
             (that site does not contribute to that class) but every class needs one positive weight.
         temperature: ``T > 0`` applied to every site's logits.
+        combination: ``"mixture"`` (above), or ``"product"``: a product of experts,
+            ``log p[c] = sum_k W[k, c] log_softmax(f_k / T)[c]`` with ``W`` normalised to sum to one over the sites
+            of each class (``None``: ``1 / K``), renormalised over the classes: the weighted geometric mean of the
+            sites' probabilities. A mixture of saturated probabilities loses what a site that saw one class still
+            knows (how much less sure it is away from its class); the product keeps every site's log-odds.
 
     Returns:
         ``(B, N, *spatial)`` log-probabilities (``logsumexp`` over dim 1 is 0).
     """
     temperature = check_temperature(temperature)
+    if combination not in ENSEMBLE_COMBINATIONS:
+        raise ValueError(f"combination must be one of {ENSEMBLE_COMBINATIONS}, got {combination!r}")
     stacked = stack_sites(site_logits)
     k_sites = stacked.shape[0]
     log_p = torch.log_softmax(stacked / temperature, dim=2)
+    if combination == "product":
+        if weights is None:
+            w = torch.full((k_sites, *([1] * (stacked.ndim - 1))), 1.0 / k_sites, dtype=log_p.dtype, device=log_p.device)
+        else:
+            w = _log_weights(weights, k_sites, stacked.ndim, stacked).exp()
+            w = w / w.sum(0, keepdim=True)
+        # a zero weight with a -inf-free log-probability contributes exactly 0 (log_softmax is finite)
+        summed = (w * log_p).sum(0)
+        return summed - torch.logsumexp(summed, dim=1, keepdim=True)
     if weights is None:
         mixed = torch.logsumexp(log_p, dim=0) - math.log(k_sites)
         return mixed - torch.logsumexp(mixed, dim=1, keepdim=True)  # exact renormalisation (no-op up to rounding)
@@ -175,9 +197,10 @@ def ensemble_probabilities(
     site_logits: Sequence[torch.Tensor] | torch.Tensor,
     weights: torch.Tensor | None = None,
     temperature: float = 1.0,
+    combination: str = "mixture",
 ) -> torch.Tensor:
     """``exp`` of :func:`ensemble_log_probabilities`: ``(B, N, *spatial)`` probabilities summing to one over dim 1.
 
     ``weights=None`` gives the plain mean of ``softmax(f_k / T)``; one-hot site weights give that site's softmax.
     """
-    return ensemble_log_probabilities(site_logits, weights, temperature).exp()
+    return ensemble_log_probabilities(site_logits, weights, temperature, combination).exp()

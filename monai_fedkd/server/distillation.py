@@ -33,6 +33,7 @@ from monai.utils import convert_to_tensor, min_version, optional_import
 
 from monai_fedkd import __version__
 from monai_fedkd.losses import (
+    ENSEMBLE_COMBINATIONS,
     AdversarialLoss,
     BalanceLoss,
     ClassIntensityLoss,
@@ -222,6 +223,10 @@ class CentralDistillation:
             against the others, :func:`~monai_fedkd.losses.contrast_counts`, so a site of one class gets no say under
             extreme label skew), ``"expertise"`` (by its share of that class, from the cards' counts) or ``"mean"``
             (every site the same: the ablation without expertise weights, and DENSE's ensemble).
+        ensemble_combination: ``"mixture"`` (default: the weighted mean of the sites' probabilities) or ``"product"``
+            (the weighted geometric mean, a product of experts; :func:`~monai_fedkd.losses.ensemble_log_probabilities`).
+            Under extreme label skew a site of one class answers its class with near certainty everywhere; in a mixture
+            those saturated answers drown what it still tells apart, in a product its log-odds count.
         zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
@@ -282,6 +287,7 @@ class CentralDistillation:
         zeroth_order_directions: int = 0,
         zeroth_order_step: float = 0.05,
         ensemble_weighting: str = "contrast",
+        ensemble_combination: str = "mixture",
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
         student_transform=None,
@@ -326,6 +332,9 @@ class CentralDistillation:
         if ensemble_weighting not in ("expertise", "contrast", "mean"):
             raise ValueError(f"ensemble_weighting must be 'expertise', 'contrast' or 'mean', got {ensemble_weighting!r}")
         self.ensemble_weighting = ensemble_weighting
+        if ensemble_combination not in ENSEMBLE_COMBINATIONS:
+            raise ValueError(f"ensemble_combination must be one of {ENSEMBLE_COMBINATIONS}, got {ensemble_combination!r}")
+        self.ensemble_combination = ensemble_combination
         self.cards = transport.site_cards()
         self.spec = check_site_cards(self.cards)
         self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
@@ -522,7 +531,7 @@ class CentralDistillation:
         released = {n: answers[n].outputs.to(self.device).float().requires_grad_(answers[n].kind != "labels") for n in names}
         logits = {n: released_log_probabilities(released[n], answers[n].kind, self.num_classes) for n in names}
         stacked = torch.stack([logits[n] for n in names])
-        log_probs = ensemble_log_probabilities(stacked, self.expertise)
+        log_probs = self._ensemble(stacked)
         with torch.no_grad():
             self.student.eval()
             student_logits = self.student(x.detach())
@@ -603,7 +612,11 @@ class CentralDistillation:
         names = list(self.active_sites)
         stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
         self._record_site_values(answers, out)
-        return x, names, stacked, ensemble_log_probabilities(stacked, self.expertise)
+        return x, names, stacked, self._ensemble(stacked)
+
+    def _ensemble(self, stacked: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The ensemble's log-probabilities from the sites' stacked log-probabilities (weights and combination of the run)."""
+        return ensemble_log_probabilities(stacked, self.expertise, temperature=temperature, combination=self.ensemble_combination)
 
     def _synthesize(self, z, labels) -> torch.Tensor:
         if self.layouts is not None:
@@ -628,7 +641,7 @@ class CentralDistillation:
             x, names, stacked, log_probs = self._generator_step(z, labels, step, out)
         probs = log_probs.exp()
         with torch.no_grad():  # the student's soft targets: the ensemble at the distillation temperature
-            targets = probs if self.temperature == 1.0 else ensemble_log_probabilities(stacked.detach(), self.expertise, temperature=self.temperature).exp()
+            targets = probs if self.temperature == 1.0 else self._ensemble(stacked.detach(), self.temperature).exp()
         self.cache.push(x.detach(), targets.detach())
 
         t0 = time.perf_counter()
@@ -753,6 +766,7 @@ class CentralDistillation:
                           "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
             "zeroth_order_directions": self.zeroth_order_directions,
             "ensemble_weighting": self.ensemble_weighting,
+            "ensemble_combination": self.ensemble_combination,
             "layouts": None if self.layouts is None else {
                 "atlas_sites": self.atlas_sites, "options": self.layout_options,
                 "class_intensity_sites": sorted(n for n in self.atlas_sites if self.cards[n]["atlas"].get("class_intensity")),
