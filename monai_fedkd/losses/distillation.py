@@ -151,9 +151,10 @@ class DistillationLoss(nn.Module):
             per_element = _kl_from_log(log_t, log_s)
         value = (t * t) * reduce(per_element, self.reduction)
         if self.dice is not None:
-            teacher_probs = {"probs": teacher, "log_probs": teacher.exp()}.get(self.teacher_input)
-            if teacher_probs is None:
-                teacher_probs = torch.softmax(teacher / t, dim=1)
+            if self.teacher_input == "probs":
+                teacher_probs = teacher
+            else:
+                teacher_probs = teacher.exp() if self.teacher_input == "log_probs" else torch.softmax(teacher / t, dim=1)
             value = value + self.dice_weight * self.dice(log_s.exp(), teacher_probs)
         return self.weight * value
 

@@ -128,8 +128,8 @@ def class_prior_from_counts(class_counts: Sequence[Sequence[float] | None], num_
 ENSEMBLE_COMBINATIONS = ("mixture", "product")
 
 
-def _log_weights(weights: torch.Tensor, k_sites: int, ndim: int, ref: torch.Tensor) -> torch.Tensor:
-    """``log W`` shaped ``(K, 1, N or 1, 1, ...)`` to broadcast against stacked ``(K, B, N, *spatial)``."""
+def _shaped_weights(weights: torch.Tensor, k_sites: int, ndim: int, ref: torch.Tensor) -> torch.Tensor:
+    """Checked ``W`` shaped ``(K, 1, N or 1, 1, ...)`` to broadcast against stacked ``(K, B, N, *spatial)``."""
     w = torch.as_tensor(weights, dtype=ref.dtype, device=ref.device)
     if w.ndim == 1:
         w = w.unsqueeze(1)  # (K, 1): the same weight for every class
@@ -139,8 +139,7 @@ def _log_weights(weights: torch.Tensor, k_sites: int, ndim: int, ref: torch.Tens
         raise ValueError("weights must be finite and non-negative")
     if bool((w.sum(0) <= 0).any()):
         raise ValueError("every class needs a positive weight for at least one site")
-    log_w = torch.log(w.detach())  # zeros -> -inf: that site does not contribute to that class
-    return log_w.reshape(k_sites, 1, w.shape[1], *([1] * (ndim - 3)))
+    return w.detach().reshape(k_sites, 1, w.shape[1], *([1] * (ndim - 3)))
 
 
 def ensemble_log_probabilities(
@@ -178,18 +177,15 @@ def ensemble_log_probabilities(
     k_sites = stacked.shape[0]
     log_p = torch.log_softmax(stacked / temperature, dim=2)
     if combination == "product":
-        if weights is None:
-            w = torch.full((k_sites, *([1] * (stacked.ndim - 1))), 1.0 / k_sites, dtype=log_p.dtype, device=log_p.device)
-        else:
-            w = _log_weights(weights, k_sites, stacked.ndim, stacked).exp()
-            w = w / w.sum(0, keepdim=True)
-        # a zero weight with a -inf-free log-probability contributes exactly 0 (log_softmax is finite)
-        summed = (w * log_p).sum(0)
+        w = _shaped_weights(torch.ones(k_sites) if weights is None else weights, k_sites, stacked.ndim, stacked)
+        # a zero weight times a finite log-probability (log_softmax of finite logits) contributes exactly 0
+        summed = (w / w.sum(0, keepdim=True) * log_p).sum(0)
         return summed - torch.logsumexp(summed, dim=1, keepdim=True)
     if weights is None:
         mixed = torch.logsumexp(log_p, dim=0) - math.log(k_sites)
         return mixed - torch.logsumexp(mixed, dim=1, keepdim=True)  # exact renormalisation (no-op up to rounding)
-    mixed = torch.logsumexp(_log_weights(weights, k_sites, stacked.ndim, stacked) + log_p, dim=0)
+    # zero weights -> log 0 = -inf: that site does not contribute to that class
+    mixed = torch.logsumexp(torch.log(_shaped_weights(weights, k_sites, stacked.ndim, stacked)) + log_p, dim=0)
     return mixed - torch.logsumexp(mixed, dim=1, keepdim=True)
 
 
