@@ -165,17 +165,19 @@ def default_site_shifts(num_sites: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def _bias_field(spatial: Sequence[int], order: int, strength: float, rng: np.random.Generator) -> torch.Tensor:
-    grids = torch.meshgrid(
-        *[torch.linspace(-1.0, 1.0, s, dtype=torch.float64) for s in spatial], indexing="ij"
-    )
+    # each monomial is a product of 1D coordinate vectors broadcast against each other, so only the sum is
+    # volume-sized (a full-resolution volume has ~10^7 voxels; materialised grids made this the slowest step)
+    ndim = len(spatial)
+    axes = [torch.linspace(-1.0, 1.0, s, dtype=torch.float64).reshape([s if i == a else 1 for i in range(ndim)])
+            for a, s in enumerate(spatial)]
     field = torch.zeros(tuple(spatial), dtype=torch.float64)
     for degree in range(1, order + 1):
-        for combo in combinations_with_replacement(range(len(spatial)), degree):
-            term = torch.ones_like(field)
-            for axis in combo:
-                term = term * grids[axis]
-            field = field + float(rng.standard_normal()) * term
-    field = field - field.mean()
+        for combo in combinations_with_replacement(range(ndim), degree):
+            term = axes[combo[0]]
+            for axis in combo[1:]:
+                term = term * axes[axis]
+            field += float(rng.standard_normal()) * term
+    field -= field.mean()
     peak = field.abs().max()
     if peak <= 0:  # constant polynomial (order 0, or a single voxel): no bias
         return torch.ones(tuple(spatial), dtype=torch.float32)
