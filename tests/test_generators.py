@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_fedkd.networks import build_network, network_definition
+from monai_fedkd.networks import build_network, generators, network_definition
 from monai_fedkd.networks.discriminators import (
     MultiScaleDiscriminator,
     PatchDiscriminatorScore,
@@ -139,6 +139,26 @@ def test_linear_upsample_matches_interpolate(spatial_dims, mode):
     x = torch.randn(2, 3, *[5, 4, 7][:spatial_dims])
     expected = F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
     assert torch.allclose(LinearUpsample(spatial_dims)(x), expected, atol=1e-6)
+    # the path taken off the CPU (deterministic CUDA backward) gives the same numbers and the same gradient
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = torch.randn_like(expected)
+    portable = generators._linear_upsample2_by_concat(a, spatial_dims)
+    assert torch.allclose(portable, expected, atol=1e-6)
+    (portable * weight).sum().backward()
+    (LinearUpsample(spatial_dims)(b) * weight).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_replicate_padding_paths_agree(spatial_dims):
+    x = torch.randn(2, 3, *[5, 4, 7][:spatial_dims])
+    cpu = generators._replicate_pad1(x, spatial_dims)
+    assert cpu.shape == (2, 3, *[s + 2 for s in x.shape[2:]])
+    assert torch.equal(cpu, generators._replicate_pad1_by_concat(x, spatial_dims))
+    for axis in range(2, 2 + spatial_dims):  # the border repeats the edge, on both sides of every axis
+        n = cpu.shape[axis]
+        assert torch.equal(cpu.narrow(axis, 0, 1), cpu.narrow(axis, 1, 1))
+        assert torch.equal(cpu.narrow(axis, n - 1, 1), cpu.narrow(axis, n - 2, 1))
 
 
 def test_deterministic_with_seeded_generator():

@@ -12,12 +12,12 @@ Design choices (from the prototype's failure modes):
   built by linear upsampling, so the initial samples are smooth volumes around the right intensity;
 * no transposed convolutions (checkerboard texture): every block is ``linear upsample x2 -> conv 3 -> norm ->
   LeakyReLU``; convolutions pad by edge replication, so the output has no dark frame;
-* every operation has a deterministic backward pass, also on CUDA: the linear upsampling is implemented as a
-  nearest upsample by ``expand``/``reshape`` followed by a fixed ``[1/4, 1/2, 1/4]`` smoothing per axis with
-  edge replication done by concatenation. This is numerically the same as
-  ``F.interpolate(..., mode="bilinear"/"trilinear", scale_factor=2, align_corners=False)``, whose CUDA backward
-  (like that of replication padding, here also done by concatenation) is nondeterministic. (cuDNN convolutions still need
-  ``torch.backends.cudnn.deterministic = True`` on a GPU; that is the caller's setting.)
+* every operation has a deterministic backward pass, also on CUDA. On the CPU that holds for PyTorch's own
+  ``F.interpolate(..., mode="bilinear"/"trilinear", scale_factor=2, align_corners=False)`` and replication
+  padding, which are used there. Their CUDA backward is nondeterministic, so on other devices the linear upsampling
+  is a nearest upsample by ``expand``/``reshape`` followed by a fixed ``[1/4, 1/2, 1/4]`` smoothing per axis, and
+  edges are replicated by concatenation: the same numbers (to float rounding), about 4x slower on a CPU.
+  (cuDNN convolutions still need ``torch.backends.cudnn.deterministic = True`` on a GPU; that is the caller's setting.)
 
 All constructor arguments are JSON-able, so the generator can be built from a bundle config through
 ``monai_fedkd.networks.build_network(name="monai_fedkd.networks.generators.ConditionalGenerator", ...)``.
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["ConditionalGenerator", "EdgePadConv", "LayoutGenerator", "LinearUpsample", "default_num_upsamples", "seed_size"]
 
@@ -96,10 +97,33 @@ def _init_output_layer(weight: torch.Tensor, bias: torch.Tensor, value_range, in
 
 
 def _replicate_pad1(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Pad every spatial axis by one edge-replicated voxel on each side (by concatenation: deterministic backward)."""
+    """Pad every spatial axis by one edge-replicated voxel on each side (deterministic backward on every device)."""
+    if x.device.type == "cpu":
+        return F.pad(x, [1, 1] * spatial_dims, mode="replicate")
+    return _replicate_pad1_by_concat(x, spatial_dims)
+
+
+def _replicate_pad1_by_concat(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     for axis in range(2, 2 + spatial_dims):
         n = x.shape[axis]
         x = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
+    return x
+
+
+def _linear_upsample2_by_concat(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """x2 linear upsampling (``align_corners=False``) from ops whose CUDA backward is deterministic."""
+    b, c, *size = x.shape
+    # nearest x2: (B, C, s1, 1, s2, 1, ...) -> expand -> (B, C, 2*s1, 2*s2, ...)
+    view_shape = [b, c]
+    expand_shape = [b, c]
+    for s in size:
+        view_shape += [s, 1]
+        expand_shape += [s, 2]
+    x = x.reshape(view_shape).expand(expand_shape).reshape([b, c] + [2 * s for s in size])
+    for axis in range(2, 2 + spatial_dims):
+        n = x.shape[axis]
+        padded = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
+        x = 0.25 * padded.narrow(axis, 0, n) + 0.5 * x + 0.25 * padded.narrow(axis, 2, n)
     return x
 
 
@@ -134,9 +158,9 @@ def _conv(spatial_dims: int, in_channels: int, out_channels: int, bias: bool) ->
 class LinearUpsample(nn.Module):
     """x2 (bi/tri)linear upsampling (``align_corners=False``) with a deterministic backward pass.
 
-    Nearest x2 upsampling by ``expand``/``reshape`` followed by the fixed kernel ``[1/4, 1/2, 1/4]`` along every
-    spatial axis, the border replicated by concatenation: equal to ``nn.Upsample(scale_factor=2,
-    mode="bilinear"/"trilinear", align_corners=False)`` without its nondeterministic CUDA backward.
+    On the CPU this is ``F.interpolate``. On other devices: nearest x2 upsampling by ``expand``/``reshape``, then
+    the fixed kernel ``[1/4, 1/2, 1/4]`` along every spatial axis with the border replicated by concatenation; the
+    same numbers without ``F.interpolate``'s nondeterministic CUDA backward.
     """
 
     def __init__(self, spatial_dims: int) -> None:
@@ -146,20 +170,9 @@ class LinearUpsample(nn.Module):
         self.spatial_dims = spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nd = self.spatial_dims
-        b, c, *size = x.shape
-        # nearest x2: (B, C, s1, 1, s2, 1, ...) -> expand -> (B, C, 2*s1, 2*s2, ...)
-        view_shape = [b, c]
-        expand_shape = [b, c]
-        for s in size:
-            view_shape += [s, 1]
-            expand_shape += [s, 2]
-        x = x.reshape(view_shape).expand(expand_shape).reshape([b, c] + [2 * s for s in size])
-        for axis in range(2, 2 + nd):
-            n = x.shape[axis]
-            padded = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
-            x = 0.25 * padded.narrow(axis, 0, n) + 0.5 * x + 0.25 * padded.narrow(axis, 2, n)
-        return x
+        if x.device.type == "cpu":  # deterministic there, and one fused kernel
+            return F.interpolate(x, scale_factor=2, mode=("linear", "bilinear", "trilinear")[self.spatial_dims - 1], align_corners=False)
+        return _linear_upsample2_by_concat(x, self.spatial_dims)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, scale_factor=2, mode=linear, align_corners=False"
