@@ -101,6 +101,8 @@ def test_outputs_card_and_montages(cls_sites, tmp_path):
     w = torch.tensor(list(card["expertise_weights"].values()))
     torch.testing.assert_close(w.sum(0), torch.ones(2))
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+    # the server's own costs are timed apart: the generator's passes, the cross-site terms, the student
+    assert all(card["timing"][k] > 0 for k in ("generator_s", "server_s", "student_s"))
     assert sorted(p.name for p in (out / "montages").glob("*.png")) == ["iter_000002.png", "iter_000004.png"]
     assert any((out / "tensorboard").iterdir())
 

@@ -105,6 +105,8 @@ def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info
         steps = max(int(card["iterations"]), 1)
         costs["generator_step_profile_ms"] = {"at_sites": 1000 * site_s / steps, "server_cross_site_terms": 1000 * card["timing"]["server_s"] / steps,
                                               "transport": 1000 * transport_s / steps, "student": 1000 * card["timing"]["student_s"] / steps}
+        if "generator_s" in card["timing"]:  # the generator's own forward, backward and update (cards since 0.7.3)
+            costs["generator_step_profile_ms"]["generator"] = 1000 * card["timing"]["generator_s"] / steps
         costs["framework_overhead"] = (card["timing"]["server_s"] + transport_s) / site_s if site_s else None
     elif method == "fedavg":
         fed = cfg.get("fedavg", {})
@@ -346,7 +348,8 @@ def write_markdown(results: Mapping, page: Path) -> None:
     if prof:
         p = prof[0]["generator_step_profile_ms"]
         lines += ["", f"One generator step of `ours` (seed {results['runs'][0]['seed']}): at the sites {p['at_sites']:.1f} ms, server "
-                  f"cross-site terms {p['server_cross_site_terms']:.1f} ms, transport {p['transport']:.2f} ms, student {p['student']:.1f} ms; "
+                  f"cross-site terms {p['server_cross_site_terms']:.1f} ms, transport {p['transport']:.2f} ms, student {p['student']:.1f} ms"
+                  + (f", the generator's forward, backward and update {p['generator']:.1f} ms" if "generator" in p else "") + "; "
                   f"framework overhead beyond site compute {100 * prof[0]['framework_overhead']:.1f} % (aim: under 25 %)."]
     lines += ["", f"![](results/{name}_{metric}.png)", f"![](results/{name}_curves.png)", "",
               f"Reproduce: `monai-fedkd bench {name} --mirror ../shared/data` (records: `docs/results/{name}.json`).", MARK_END.format(name)]

@@ -392,7 +392,7 @@ class CentralDistillation:
         if student_transform is not None and not callable(student_transform):
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
-        self.timing = {"server_s": 0.0, "student_s": 0.0, "prior_warmup_s": 0.0}
+        self.timing = {"server_s": 0.0, "generator_s": 0.0, "student_s": 0.0, "prior_warmup_s": 0.0}
 
     def _layout_sampler(self, options: Mapping | None) -> LayoutSampler:
         """Layouts from the atlases the sites chose to share (their policy); refuses when none does."""
@@ -522,7 +522,9 @@ class CentralDistillation:
 
     def _generator_step(self, z, labels, step: int, out: dict):
         """One generator update: query the sites, the server's terms, the sites' VJPs, the image priors."""
+        t0 = time.perf_counter()
         x = self._synthesize(z, labels)
+        self.timing["generator_s"] += time.perf_counter() - t0
         answers = self._query(x, step)
 
         t0 = time.perf_counter()
@@ -565,10 +567,12 @@ class CentralDistillation:
                 grad_x = grad_x + vjps[n].to(self.device)
             if answers[n].local_input_grad is not None:
                 grad_x = grad_x + answers[n].local_input_grad.to(self.device)
+        t0 = time.perf_counter()
         image_terms = self._image_terms(x, z, labels)
         self.g_optimizer.zero_grad(set_to_none=True)
         ((x * grad_x.detach()).sum() + sum(image_terms.values())).backward()
         self.g_optimizer.step()
+        self.timing["generator_s"] += time.perf_counter() - t0
 
         for k, v in server_terms.items():
             out[f"generator/{k}"] = float(v)
@@ -607,7 +611,9 @@ class CentralDistillation:
     @torch.no_grad()
     def _frozen_generator_sample(self, z, labels, step: int, out: dict):
         """Past ``generator_iterations``: a sample of the frozen generator, labelled by forward-only queries."""
+        t0 = time.perf_counter()
         x = self._synthesize(z, labels)
+        self.timing["generator_s"] += time.perf_counter() - t0
         answers = self._query(x, step, forward_only=True)
         names = list(self.active_sites)
         stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
@@ -863,5 +869,6 @@ class CentralDistillation:
         path = self._extra_path(it)
         if path.is_file():
             state = json.loads(path.read_text())
-            self.active_sites, self.dropped, self.timing = state["active_sites"], state["dropped"], state["timing"]
+            self.active_sites, self.dropped = state["active_sites"], state["dropped"]
+            self.timing = {**self.timing, **state["timing"]}  # a checkpoint of an older version lacks newer timers
             self._refresh_site_weights()
