@@ -16,7 +16,8 @@ Design choices (from the prototype's failure modes):
   ``F.interpolate(..., mode="bilinear"/"trilinear", scale_factor=2, align_corners=False)`` and replication
   padding, which are used there. Their CUDA backward is nondeterministic, so on other devices the linear upsampling
   is a nearest upsample by ``expand``/``reshape`` followed by a fixed ``[1/4, 1/2, 1/4]`` smoothing per axis, and
-  edges are replicated by concatenation: the same numbers (to float rounding), about 4x slower on a CPU.
+  edges are replicated by concatenation: the same numbers (to float rounding), about half as fast for the whole 3D
+  generator on a CPU (``docs/performance.md``).
   (cuDNN convolutions still need ``torch.backends.cudnn.deterministic = True`` on a GPU; that is the caller's setting.)
 
 All constructor arguments are JSON-able, so the generator can be built from a bundle config through
@@ -103,10 +104,14 @@ def _replicate_pad1(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return _replicate_pad1_by_concat(x, spatial_dims)
 
 
+def _replicate_pad_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
+    n = x.shape[axis]
+    return torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
+
+
 def _replicate_pad1_by_concat(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     for axis in range(2, 2 + spatial_dims):
-        n = x.shape[axis]
-        x = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
+        x = _replicate_pad_axis(x, axis)
     return x
 
 
@@ -121,8 +126,7 @@ def _linear_upsample2_by_concat(x: torch.Tensor, spatial_dims: int) -> torch.Ten
         expand_shape += [s, 2]
     x = x.reshape(view_shape).expand(expand_shape).reshape([b, c] + [2 * s for s in size])
     for axis in range(2, 2 + spatial_dims):
-        n = x.shape[axis]
-        padded = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, n - 1, 1)], dim=axis)
+        n, padded = x.shape[axis], _replicate_pad_axis(x, axis)
         x = 0.25 * padded.narrow(axis, 0, n) + 0.5 * x + 0.25 * padded.narrow(axis, 2, n)
     return x
 
