@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -69,27 +69,49 @@ def dataset_overrides(info: Mapping) -> tuple[str, dict]:
 CHILD_PEAKS_MB: list[tuple[str, float]] = []
 """(what, peak resident set in MB) of every bundle process run so far; the benchmark suite reads it per method."""
 
+# Linux carries a process's resident-set high-water mark across fork and exec, so a bundle started straight from
+# this (possibly large) process would report at least this process's peak as its own. A minimal launcher (a bare
+# interpreter, no imports beyond the standard library) starts the bundle instead and reports only the bundle's peak.
+_PEAK_RSS_LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "proc = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(proc.pid, 0)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    f.write(str(usage.ru_maxrss))\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "sys.exit(code if code >= 0 else 128 - code)\n"
+)
 
-def _run_logged(cmd: list[str], log_file: Path, what: str) -> float:
+
+def run_measured(cmd: list[str], log_file: Path) -> tuple[int, float, float | None]:
+    """Run ``cmd`` with its output in ``log_file``; returns its exit code, wall time in seconds, and its own peak
+    resident set in MB (``None`` where the launcher could not report it)."""
+    log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        # wait4 gives this child's own resource usage (RUSAGE_CHILDREN would be the maximum over all children so far)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - start
-    CHILD_PEAKS_MB.append((what, usage.ru_maxrss / 1024))  # ru_maxrss is in KiB on Linux
-    if proc.returncode != 0:
-        tail = "\n".join(log_file.read_text().splitlines()[-15:])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}); log: {log_file}\n{tail}")
+    with tempfile.TemporaryDirectory() as tmp, open(log_file, "w") as log:
+        peak_file = Path(tmp) / "peak_rss_kib"
+        returncode = subprocess.call([sys.executable, "-c", _PEAK_RSS_LAUNCHER, str(peak_file), *cmd], stdout=log, stderr=subprocess.STDOUT)
+        peak_mb = float(peak_file.read_text()) / 1024 if peak_file.is_file() else None  # ru_maxrss is in KiB on Linux
+    return returncode, time.perf_counter() - start, peak_mb
+
+
+def run_logged(cmd: list[str], log_file: Path, what: str) -> float:
+    """:func:`run_measured` that records the peak in ``CHILD_PEAKS_MB`` and raises with the log's tail on failure;
+    returns the wall time."""
+    returncode, elapsed, peak_mb = run_measured(cmd, log_file)
+    if peak_mb is not None:
+        CHILD_PEAKS_MB.append((what, peak_mb))
+    if returncode != 0:
+        tail = "\n".join(Path(log_file).read_text().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit {returncode}); log: {log_file}\n{tail}")
     return elapsed
 
 
 def train_site(site_datalist: Path, output_dir: Path, bundle: str, overrides: Mapping[str, object]) -> float:
     """Train one site with its bundle in its own process; returns wall time in seconds."""
     cmd = bundle_command(bundle, "train.json", {"datalist": str(site_datalist), "output_dir": str(output_dir), **overrides})
-    return _run_logged(cmd, output_dir.with_name(output_dir.name + "_train.log"), f"site training {output_dir.name}")
+    return run_logged(cmd, output_dir.with_name(output_dir.name + "_train.log"), f"site training {output_dir.name}")
 
 
 def _trained_with(site_dir: Path, seed: int, max_epochs: int | None = None) -> bool:
@@ -113,7 +135,7 @@ def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: 
     central_dir = workdir / name
     configs = ["train.json"] + (["segmentation.json"] if task == "segmentation" else []) + list(extra_configs)
     cmd = bundle_command("central_distillation", configs, {"sites": str(sites_json), "output_dir": str(central_dir), **overrides})
-    _run_logged(cmd, workdir / f"{name}_distillation.log" if name != "central" else workdir / "central_distillation.log", f"{name} distillation")
+    run_logged(cmd, workdir / f"{name}_distillation.log" if name != "central" else workdir / "central_distillation.log", f"{name} distillation")
     return central_dir
 
 
@@ -191,7 +213,7 @@ def run_pipeline(
         "evaluate.json",
         {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files], "output_dir": str(eval_dir), **extra},
     )
-    _run_logged(cmd, workdir / "eval.log", "evaluation")
+    run_logged(cmd, workdir / "eval.log", "evaluation")
     timings["evaluate_s"] = time.perf_counter() - t0
     if distill:  # the central model as a bundle a hospital runs with plain MONAI, its scores in its README
         from monai_fedkd.export import export_bundle

@@ -208,6 +208,37 @@ def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, student_dice_weight=1.0)
 
 
+def test_server_terms_of_weight_zero_are_not_computed(cls_sites, tmp_path):
+    """A server term of weight 0 costs nothing: without the adversarial term the generator step runs no student
+    forward pass and logs no adversarial value; with every server term at 0 the run still trains (image priors only)."""
+    calls = {"in_generator_step": 0}
+    inside = [False]
+
+    def run(weights, out):
+        d = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, out=out, iterations=2, checkpoint_interval=100, weights=weights)
+        d.student.register_forward_hook(lambda *_: calls.__setitem__("in_generator_step", calls["in_generator_step"] + inside[0]))
+        step = d._generator_step
+
+        def spied(*a, **k):
+            inside[0] = True
+            try:
+                return step(*a, **k)
+            finally:
+                inside[0] = False
+
+        d._generator_step = spied
+        d.run()
+
+    run({"adversarial": 1.0}, "with")
+    assert calls["in_generator_step"] == 2, "the adversarial term asks the student once per generator step"
+    calls["in_generator_step"] = 0
+    run({"adversarial": 0.0}, "without")
+    assert calls["in_generator_step"] == 0
+    run({k: 0.0 for k in ("consensus", "balance", "adversarial", "conditional_ce", "pseudo_label")}, "priors_only")
+    card = json.loads((tmp_path / "priors_only" / "central_card.json").read_text())
+    assert card["iterations"] == 2 and (tmp_path / "priors_only" / "models" / "model.pt").is_file()
+
+
 def test_forward_only_query_builds_no_graph_and_refuses_a_vjp(cls_sites):
     site = QuerySite(cls_sites[1][0])
     x = torch.rand(3, 1, 28, 28)

@@ -41,6 +41,7 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     assert 0 <= costs["ours"]["framework_overhead"]
     # distilled methods run in bundle processes of their own: their peak is that process's, far below the suite's own
     assert costs["ours"]["peak_rss_kind"] == "process" and 50 < costs["ours"]["peak_rss_mb"] < 20000
+    assert costs["centralized"]["peak_rss_kind"] == "process"
     assert (docs / "results" / "tiny_auroc.png").is_file() and (docs / "results" / "tiny_curves.png").is_file()
     assert "## Benchmark suite: tiny" in (docs / "results.md").read_text()
     assert results["records"] == written["records"]

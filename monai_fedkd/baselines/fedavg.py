@@ -6,7 +6,6 @@ import datetime
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -129,7 +128,7 @@ def centralized(site_datalists: Sequence[str | os.PathLike], bundle: str, output
     """The upper bound: the site bundle trained on the pooled training and validation items of all sites (model
     selection on the pooled validation items; test items are not read)."""
     from monai_fedkd.data.datalist import load_datalist
-    from monai_fedkd.pipeline import bundle_command
+    from monai_fedkd.pipeline import run_logged, bundle_command
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,10 +144,7 @@ def centralized(site_datalists: Sequence[str | os.PathLike], bundle: str, output
     datalist.write_text(json.dumps(pooled, indent=2))
     cmd = bundle_command(bundle, "train.json", {**dict(overrides or {}), "datalist": str(datalist), "output_dir": str(out / "site"),
                                                 "site_name": "centralized"})
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"centralized training failed (exit {proc.returncode}):\n{tail}")
+    run_logged(cmd, out / "train.log", "centralized training")  # raises with the log's tail when training fails
     card = read_site_card(out / "site")
     state = torch.load(out / "site" / card["checkpoint"], map_location="cpu", weights_only=True)
     return write_global_model(state, card, out, "centralized", {"items": {k: len(v) for k, v in pooled.items()},

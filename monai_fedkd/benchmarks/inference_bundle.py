@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from monai_fedkd.benchmarks.site_training import _measure_child
 from monai_fedkd.data.prepare import prepare_dataset
 from monai_fedkd.export import export_bundle
-from monai_fedkd.pipeline import bundle_command, dataset_overrides
+from monai_fedkd.pipeline import bundle_command, dataset_overrides, run_measured
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TABLE_START, TABLE_END = "<!-- inference-bundle-table:start -->", "<!-- inference-bundle-table:end -->"
@@ -43,7 +42,7 @@ def _site_model(dataset: str, mirror, workdir: Path, max_per_split: int, extra: 
     bundle, overrides = dataset_overrides(info)
     site = workdir / f"{dataset}_site"
     cmd = bundle_command(bundle, "train.json", {"datalist": str(datalist), "output_dir": str(site), "max_epochs": 1, **overrides, **extra})
-    rc, _, _ = _measure_child(cmd, workdir / f"{dataset}_train.log")
+    rc, _, _ = run_measured(cmd, workdir / f"{dataset}_train.log")
     if rc != 0:
         raise RuntimeError(f"training the {dataset} site failed, see {workdir / f'{dataset}_train.log'}")
     return site, datalist, info
@@ -81,13 +80,13 @@ def _run(bundle: Path, studies: Path, out: Path, log: Path, extra: dict, repeats
                "--input_dir", str(studies), "--output_dir", str(out)]
         for k, v in extra.items():
             cmd += [f"--{k}", str(v)]
-        rc, wall, rss = _measure_child(cmd, log)
+        rc, wall, rss_mb = run_measured(cmd, log)
         if rc != 0:
             raise RuntimeError(f"the exported bundle failed on {studies} (exit {rc}), see {log}")
         table = out / ("label_volumes.csv" if (out / "label_volumes.csv").exists() else "predictions.csv")
         with open(table, newline="") as f:
             seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
-        runs.append({"wall_s": wall, "study_s": seconds, "startup_s": wall - sum(seconds), "peak_rss_mb": rss / 1024})
+        runs.append({"wall_s": wall, "study_s": seconds, "startup_s": wall - sum(seconds), "peak_rss_mb": rss_mb})
     return runs
 
 

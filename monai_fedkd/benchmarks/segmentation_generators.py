@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, write_section
-from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, distill_central
+from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, distill_central
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
             cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
                                                                  "output_dir": str(out), "extra_models": {v: str(d) for v, (d, _, _) in built.items()},
                                                                  "ensemble": True, "test_key": key})
-            _run_logged(cmd, out.with_suffix(".log"), f"{key} evaluation")
+            run_logged(cmd, out.with_suffix(".log"), f"{key} evaluation")
             return json.loads((out / "metrics.json").read_text())
 
         # variants are chosen on the sites' validation splits, never on test: both are recorded

@@ -18,17 +18,15 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from monai_fedkd.data.partition import partition_datalist
 from monai_fedkd.data.prepare import prepare_dataset
-from monai_fedkd.pipeline import bundle_command, dataset_overrides
+from monai_fedkd.pipeline import bundle_command, dataset_overrides, run_measured
 
 EPOCH_RE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
 
@@ -39,20 +37,6 @@ CASES = [
     ("3D segmentation: IXI T1 (6 classes, 4 mm), 1 of 4 acquisition-shift sites", "ixi", "acquisition", 4,
      {"spacing": [4.0, 4.0, 4.0], "spatial_size": [48, 48, 48]}),
 ]
-
-
-def _measure_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """Run ``cmd`` in a wrapper process so that max RSS belongs to this one run."""
-    wrapper = (
-        "import resource, subprocess, sys, json;"
-        f"p = subprocess.run({cmd!r}, stdout=open({str(log)!r}, 'w'), stderr=subprocess.STDOUT);"
-        "print(json.dumps([p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"
-    )
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t0
-    rc, maxrss_kb = json.loads(out.stdout.strip().splitlines()[-1])
-    return rc, wall, maxrss_kb
 
 
 def _epoch_times(log_text: str) -> list[float]:
@@ -76,11 +60,11 @@ def run_case(name, dataset, method, num_sites, extra, mirror, workdir: Path, rep
         out = workdir / f"{dataset}_site0_run{r}"
         log = workdir / f"{dataset}_run{r}.log"
         cmd = bundle_command(bundle, "train.json", {"datalist": str(sites / site["datalist"]), "output_dir": str(out), **overrides})
-        rc, wall, rss = _measure_child(cmd, log)
+        rc, wall, rss_mb = run_measured(cmd, log)
         if rc != 0:
             raise RuntimeError(f"{name}: site training failed, see {log}")
         epochs = _epoch_times(log.read_text())
-        runs.append({"wall_s": wall, "epoch_s": epochs, "peak_rss_mb": rss / 1024})
+        runs.append({"wall_s": wall, "epoch_s": epochs, "peak_rss_mb": rss_mb})
     steady = [e for run in runs for e in run["epoch_s"][1:]]
     return {
         "case": name,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from monai_fedkd import pipeline
-from monai_fedkd.pipeline import BUNDLES_DIR, _run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
+from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
 
 __all__ = ["METHODS", "load_config", "prepare_sites", "run_benchmark", "write_markdown"]
 
@@ -197,7 +197,7 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
         cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
                                                              "output_dir": str(eval_dir), "extra_models": {m: str(d) for m, d in built.items()} or None,
                                                              "ensemble": "ensemble" in cfg["methods"]})
-        _run_logged(cmd, run / "eval_all.log", "evaluation")
+        run_logged(cmd, run / "eval_all.log", "evaluation")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         results["records"] += _records(metrics, {m: m for m in built}, name, seed)
         results["runs"].append({"seed": seed, "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
@@ -340,10 +340,14 @@ def write_markdown(results: Mapping, page: Path) -> None:
         per_site = [v for c in runs if c.get("per_site") for v in c["per_site"].values()]
         b = statistics.median(v["bytes"] for v in per_site) / 1e6 if per_site else None
         q = statistics.median(v["queries"] for v in per_site) if per_site else None
+        peaks = [c for c in runs if c.get("peak_rss_mb") is not None]
+        peak = (("≤ " if any(c["peak_rss_kind"] == "upper_bound" for c in peaks) else "") + f"{statistics.median(c['peak_rss_mb'] for c in peaks):.0f}"
+                if peaks else "not measured")
         lines.append(f"| {m} | {statistics.median(c['wall_s'] for c in runs):.0f} | {'n/a (data pooled)' if b is None else f'{b:.2f} MB'} | "
-                     f"{'' if q is None else int(q)} | {statistics.median(c['peak_rss_mb'] for c in runs):.0f} |")
-    lines += ["", "¹ The peak resident set of the method's own bundle processes; for the methods that run inside the suite's process "
-              "(FedAvg, one-shot FedAvg) that process's peak so far, an upper bound."]
+                     f"{'' if q is None else int(q)} | {peak} |")
+    lines += ["", "¹ The peak resident set of the method's own bundle processes. ≤: an upper bound, the suite process's peak so "
+              "far, where the method ran inside it (FedAvg, one-shot FedAvg) or where a bundle process's figure could include the "
+              "suite's (records before 2026-12-02). Not measured: centralized training in records before 2026-12-02."]
     prof = [r["methods"]["ours"] for r in results["runs"] if "ours" in r["methods"]]
     if prof:
         p = prof[0]["generator_step_profile_ms"]

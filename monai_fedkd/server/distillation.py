@@ -534,19 +534,27 @@ class CentralDistillation:
         logits = {n: released_log_probabilities(released[n], answers[n].kind, self.num_classes) for n in names}
         stacked = torch.stack([logits[n] for n in names])
         log_probs = self._ensemble(stacked)
-        with torch.no_grad():
-            self.student.eval()
-            student_logits = self.student(x.detach())
-        server_terms = {"consensus": self.terms["consensus"](stacked), "balance": self.terms["balance"](log_probs),
-                        "adversarial": self.terms["adversarial"](student_logits, log_probs)}
-        if self.conditional or self.layouts is not None:
+        # a term of weight 0 adds exactly 0 to the loss and to the gradients: it is not computed (in 3D the student's
+        # forward pass for the adversarial term and the voxel-wise terms are a large share of the server's time)
+        wanted = lambda k: bool(self.weights[k])  # noqa: E731
+        server_terms = {}
+        if wanted("consensus"):
+            server_terms["consensus"] = self.terms["consensus"](stacked)
+        if wanted("balance"):
+            server_terms["balance"] = self.terms["balance"](log_probs)
+        if wanted("adversarial"):
+            with torch.no_grad():
+                self.student.eval()
+                student_logits = self.student(x.detach())
+            server_terms["adversarial"] = self.terms["adversarial"](student_logits, log_probs)
+        if (self.conditional or self.layouts is not None) and wanted("conditional_ce"):
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
-        if self.layouts is not None:
+        if self.layouts is not None and wanted("layout_dice"):
             server_terms["layout_dice"] = self.terms["layout_dice"](log_probs, labels)
-        if self.weights["pseudo_label"]:
+        if wanted("pseudo_label"):
             server_terms["pseudo_label"] = self.terms["pseudo_label"](log_probs, log_probs.detach().argmax(1))
         total = sum(server_terms.values())
-        differentiable = [n for n in names if released[n].requires_grad]
+        differentiable = [n for n in names if released[n].requires_grad] if server_terms else []
         grads = torch.autograd.grad(total, [released[n] for n in differentiable], allow_unused=True) if differentiable else []
         cotangents = {n: c for n, c in zip(differentiable, grads) if c is not None}
         self.timing["server_s"] += time.perf_counter() - t0
