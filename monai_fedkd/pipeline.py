@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence

@@ -210,7 +210,7 @@ def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_
 
 def test_server_terms_of_weight_zero_are_not_computed(cls_sites, tmp_path):
     """A server term of weight 0 costs nothing: without the adversarial term the generator step runs no student
-    forward pass and logs no adversarial value; with every server term at 0 the run still trains (image priors only)."""
+    forward pass; with every server term at 0 the run still trains (image priors only)."""
     calls = {"in_generator_step": 0}
     inside = [False]
 

@@ -536,22 +536,21 @@ class CentralDistillation:
         log_probs = self._ensemble(stacked)
         # a term of weight 0 adds exactly 0 to the loss and to the gradients: it is not computed (in 3D the student's
         # forward pass for the adversarial term and the voxel-wise terms are a large share of the server's time)
-        wanted = lambda k: bool(self.weights[k])  # noqa: E731
         server_terms = {}
-        if wanted("consensus"):
+        if self.weights["consensus"]:
             server_terms["consensus"] = self.terms["consensus"](stacked)
-        if wanted("balance"):
+        if self.weights["balance"]:
             server_terms["balance"] = self.terms["balance"](log_probs)
-        if wanted("adversarial"):
+        if self.weights["adversarial"]:
             with torch.no_grad():
                 self.student.eval()
                 student_logits = self.student(x.detach())
             server_terms["adversarial"] = self.terms["adversarial"](student_logits, log_probs)
-        if (self.conditional or self.layouts is not None) and wanted("conditional_ce"):
+        if (self.conditional or self.layouts is not None) and self.weights["conditional_ce"]:
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
-        if self.layouts is not None and wanted("layout_dice"):
+        if self.layouts is not None and self.weights["layout_dice"]:
             server_terms["layout_dice"] = self.terms["layout_dice"](log_probs, labels)
-        if wanted("pseudo_label"):
+        if self.weights["pseudo_label"]:
             server_terms["pseudo_label"] = self.terms["pseudo_label"](log_probs, log_probs.detach().argmax(1))
         total = sum(server_terms.values())
         differentiable = [n for n in names if released[n].requires_grad] if server_terms else []
