@@ -212,6 +212,17 @@ def test_ensemble_huge_logits_finite_gradients():
         assert _finite(f.grad)
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 2, 2)])
+def test_closed_form_gradients_of_js_and_mixture_match_finite_differences(shape):
+    """The consensus and the mixture ensemble carry hand-written backward passes (for speed): numerical
+    gradients, with a zero-weight site (consensus) and a site withheld from one class (ensemble), check them."""
+    logits = (torch.randn(3, *shape, dtype=torch.double) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f: generalized_js_divergence(f, [0.5, 0.0, 0.5], temperature=2.0), (logits,))
+    w = site_weights([[4, 0, 1], [1, 3, 1], [0, 2, 5]], 3).double()
+    for weights in (w, None):
+        assert torch.autograd.gradcheck(lambda f: ensemble_log_probabilities(f, weights, temperature=0.5), (logits,))
+
+
 # ------------------------------------------------------------------------------------------- distillation
 def test_distillation_kl_zero_on_match_positive_otherwise():
     student = torch.randn(8, 5)
