@@ -273,6 +273,32 @@ def test_student_transform_reaches_every_student_input_and_keeps_shapes(cls_site
         _distiller(transport, tmp_path, out="c3", student_transform="RandGaussianNoise")
 
 
+class OneClassCardTransport(InProcessTransport):
+    """As the sites' own transport, but the first site's card says it never saw the last class."""
+
+    def site_cards(self):
+        cards = json.loads(json.dumps(super().site_cards()))
+        first = cards[next(iter(cards))]
+        first["class_counts"] = [sum(first["class_counts"]), *([0] * (len(first["class_counts"]) - 1))]
+        return cards
+
+
+def test_auto_ensemble_is_a_product_of_equal_sites_only_where_a_card_shows_one_class(cls_sites, tmp_path):
+    sites = _sites(cls_sites, tmp_path)
+    both = _distiller(InProcessTransport(sites), tmp_path, out="both")  # the default, "auto"
+    assert both.ensemble_used == {"combination": "mixture", "weighting": "contrast"}
+    one = _distiller(OneClassCardTransport(sites), tmp_path, out="one")
+    assert one.ensemble_used == {"combination": "product", "weighting": "mean"}
+    torch.testing.assert_close(one.expertise, torch.full_like(one.expertise, 0.5))
+    logits = torch.randn(2, 3, 2)
+    geometric = torch.log_softmax(logits, 2).mean(0)
+    torch.testing.assert_close(one._ensemble(logits), geometric - torch.logsumexp(geometric, 1, keepdim=True))
+    # a configured combination is kept whatever the cards show
+    fixed = _distiller(OneClassCardTransport(sites), tmp_path, out="fixed", ensemble_combination="mixture")
+    assert fixed.ensemble_used == {"combination": "mixture", "weighting": "contrast"}
+    assert fixed.expertise[0, 1] == 0  # contrast weights: the site of one class has no say
+
+
 def test_cards_that_disagree_name_the_sites(cls_sites, tmp_path):
     a = read_site_card(cls_sites[0][0])
     b = json.loads(json.dumps(a))

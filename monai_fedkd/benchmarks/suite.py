@@ -9,8 +9,9 @@ every method of the config builds its model from those same sites:
 - ``one_shot_fedavg``: the trained site models averaged once;
 - ``dense``: DENSE over the same sites (``central_distillation`` with ``dense.json``);
 - ``ours`` and its ablations ``ours_no_consensus``, ``ours_no_expertise``, ``ours_no_discriminators``;
-- ``ours_product``: ours with the sites combined as a product of experts (their geometric mean, equal weights)
-  instead of the contrast-weighted mixture.
+- ``ours_product`` and ``ours_mixture``: ours with the sites always combined as a product of experts (their
+  geometric mean, equal weights), or always as the contrast-weighted mixture, instead of the default's choice
+  between the two from the cards (``ensemble_combination: "auto"``).
 
 One evaluation scores them all on every site's test split and the pooled test set. Written to ``docs/``:
 ``results/<benchmark>.json`` (one record per method x seed x test set x metric, with the config and the partition
@@ -45,9 +46,11 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 DISTILLED = {  # method -> (extra central_distillation configs, overrides)
     "ours": ((), {}),
     "ours_no_consensus": ((), {"weights#consensus": 0.0}),
-    "ours_no_expertise": ((), {"ensemble_weighting": "mean"}),
+    # without the cards' class counts: equal weights, and nothing to tell a site of one class by (so a mixture)
+    "ours_no_expertise": ((), {"ensemble_weighting": "mean", "ensemble_combination": "mixture"}),
     "ours_no_discriminators": ((), {"weights#realism": 0.0, "with_real_images": False}),
     "ours_product": ((), {"ensemble_combination": "product", "ensemble_weighting": "mean"}),
+    "ours_mixture": ((), {"ensemble_combination": "mixture"}),
     "dense": (("dense.json",), {}),
 }
 METHODS = ("local", "ensemble", "centralized", "fedavg", "one_shot_fedavg", *DISTILLED)

@@ -223,10 +223,14 @@ class CentralDistillation:
             against the others, :func:`~monai_fedkd.losses.contrast_counts`, so a site of one class gets no say under
             extreme label skew), ``"expertise"`` (by its share of that class, from the cards' counts) or ``"mean"``
             (every site the same: the ablation without expertise weights, and DENSE's ensemble).
-        ensemble_combination: ``"mixture"`` (default: the weighted mean of the sites' probabilities) or ``"product"``
-            (the weighted geometric mean, a product of experts; :func:`~monai_fedkd.losses.ensemble_log_probabilities`).
-            Under extreme label skew a site of one class answers its class with near certainty everywhere; in a mixture
-            those saturated answers drown what it still tells apart, in a product its log-odds count.
+        ensemble_combination: ``"mixture"`` (the weighted mean of the sites' probabilities), ``"product"`` (the
+            weighted geometric mean, a product of experts; :func:`~monai_fedkd.losses.ensemble_log_probabilities`) or
+            ``"auto"`` (default): in classification, where a card shows a site that never saw some class, a product of
+            equally weighted sites; otherwise the mixture with ``ensemble_weighting``. Under extreme label skew a site
+            of one class answers its class with near certainty everywhere; in a mixture those saturated answers drown
+            what it still tells apart, in a product its log-odds count (chosen on the PneumoniaMNIST sites'
+            validation splits; segmentation keeps the mixture, whose per-class weights silence a site for a
+            structure it never labelled).
         zeroth_order_directions / zeroth_order_step: for sites whose policy returns no gradients (but does return
             logits or probabilities), estimate their input-gradient from this many extra queries at
             ``x + zeroth_order_step * u`` (random directions ``u``). 0: such sites shape the student and the
@@ -287,7 +291,7 @@ class CentralDistillation:
         zeroth_order_directions: int = 0,
         zeroth_order_step: float = 0.05,
         ensemble_weighting: str = "contrast",
-        ensemble_combination: str = "mixture",
+        ensemble_combination: str = "auto",
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
         student_transform=None,
@@ -332,9 +336,9 @@ class CentralDistillation:
         if ensemble_weighting not in ("expertise", "contrast", "mean"):
             raise ValueError(f"ensemble_weighting must be 'expertise', 'contrast' or 'mean', got {ensemble_weighting!r}")
         self.ensemble_weighting = ensemble_weighting
-        if ensemble_combination not in ENSEMBLE_COMBINATIONS:
-            raise ValueError(f"ensemble_combination must be one of {ENSEMBLE_COMBINATIONS}, got {ensemble_combination!r}")
-        self.ensemble_combination = ensemble_combination
+        if ensemble_combination not in ("auto", *ENSEMBLE_COMBINATIONS):
+            raise ValueError(f"ensemble_combination must be one of {('auto', *ENSEMBLE_COMBINATIONS)}, got {ensemble_combination!r}")
+        self.ensemble_option = ensemble_combination  # as configured; self.ensemble_combination is what is used
         self.cards = transport.site_cards()
         self.spec = check_site_cards(self.cards)
         self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
@@ -422,9 +426,17 @@ class CentralDistillation:
         withheld = [n for n, c in zip(self.active_sites, counts) if c is None]
         if withheld:
             logger.warning("sites %s withhold class counts: weighted equally in every class", withheld)
-        if self.ensemble_weighting == "mean":  # every site counts the same in every class (ablation, DENSE)
+        self.ensemble_combination, weighting = self.ensemble_option, self.ensemble_weighting
+        if self.ensemble_option == "auto":
+            one_class = [n for n, c in zip(self.active_sites, counts) if c is not None and min(c) == 0]
+            self.ensemble_combination = "product" if one_class and self.task == "classification" else "mixture"
+            if self.ensemble_combination == "product":
+                weighting = "mean"  # class-share weights would silence exactly the sites of one class
+                logger.info("sites %s never saw some class: the ensemble is a product of equally weighted sites", one_class)
+        self.ensemble_used = {"combination": self.ensemble_combination, "weighting": weighting}
+        if weighting == "mean":  # every site counts the same in every class (ablation, DENSE)
             counts = [None] * len(counts)
-        weighted = contrast_counts(counts) if self.ensemble_weighting == "contrast" else counts
+        weighted = contrast_counts(counts) if weighting == "contrast" else counts
         self.expertise = site_weights(weighted, self.num_classes).to(self.device)  # (K, N), columns sum to one
         if self.task == "segmentation":
             self.class_prior = class_prior_from_counts(counts, self.num_classes).to(self.device)
@@ -779,7 +791,8 @@ class CentralDistillation:
                           "transport": stats.get(n), "dropped": self.dropped.get(n)} for n, c in self.cards.items()},
             "zeroth_order_directions": self.zeroth_order_directions,
             "ensemble_weighting": self.ensemble_weighting,
-            "ensemble_combination": self.ensemble_combination,
+            "ensemble_combination": self.ensemble_option,
+            "ensemble_used": dict(self.ensemble_used),
             "layouts": None if self.layouts is None else {
                 "atlas_sites": self.atlas_sites, "options": self.layout_options,
                 "class_intensity_sites": sorted(n for n in self.atlas_sites if self.cards[n]["atlas"].get("class_intensity")),
