@@ -22,7 +22,7 @@ import torch
 
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from conftest import PY, ROOT, SHARED_DATA, dataset_info, ok, require, run_bundle
+from conftest import PY, ROOT, dataset_info, ok, require, run_bundle
 from monai_fedkd.cli import main as cli_main
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.export import ExportError, export_bundle
