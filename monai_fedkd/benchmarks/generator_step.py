@@ -12,19 +12,14 @@ Run it alone: other jobs on the cores change the figures.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from monai_fedkd.benchmarks._timing import compare_variants
 from monai_fedkd.networks import generators
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 # the central_distillation bundle's generator for each case (train.json: latent 64, base channels 32 in 2D, 16 in 3D)
 CASES = {
     "pneumoniamnist_2d_28": {"spatial_dims": 2, "spatial_size": [28, 28], "base_channels": 32, "batch_size": 32},
@@ -59,25 +54,13 @@ def time_case(case: dict, repeats: int, seed: int = 0) -> list[float]:
     return times
 
 
+def _time_portable(case: dict, repeats: int) -> list[float]:
+    with _portable_path():
+        return time_case(case, repeats)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    results = {"repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
-    for name, case in CASES.items():
-        cpu = time_case(case, args.repeats)
-        with _portable_path():
-            portable = time_case(case, args.repeats)
-        results["cases"][name] = {**case, "cpu_path_s": statistics.median(cpu), "portable_path_s": statistics.median(portable),
-                                  "speedup": statistics.median(portable) / statistics.median(cpu), "cpu_path_all_s": cpu, "portable_path_all_s": portable}
-        print(f"{name}: CPU path {statistics.median(cpu):.3f} s, portable path {statistics.median(portable):.3f} s per forward + backward")
-    out = args.docs / "results" / "generator_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return compare_variants(argv, __doc__, CASES, {"cpu_path": time_case, "portable_path": _time_portable}, "generator_step")
 
 
 if __name__ == "__main__":

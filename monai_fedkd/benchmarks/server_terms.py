@@ -14,18 +14,14 @@ Run it alone: other jobs on the cores change the figures.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
+import math
 import time
-from pathlib import Path
 
 import torch
 
+from monai_fedkd.benchmarks._timing import compare_variants
 from monai_fedkd.losses import ensemble_log_probabilities, generalized_js_divergence, site_weights
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 # (sites, generator batch, classes, spatial) of one generator step with each benchmark's defaults
 CASES = {
     "pneumoniamnist_a0.5": {"sites": 5, "batch_size": 32, "num_classes": 2, "spatial": []},
@@ -38,9 +34,9 @@ def _autograd_js(stacked: torch.Tensor) -> torch.Tensor:
     """The generalized JS with uniform site weights, differentiated by autograd (for comparison only)."""
     k = stacked.shape[0]
     log_p = torch.log_softmax(stacked, dim=2)
-    log_m = torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(k)))
+    log_m = torch.logsumexp(log_p, dim=0) - math.log(k)
     kl = (log_p.exp() * (log_p - log_m.unsqueeze(0))).sum(2)
-    return (kl.mean(0) / torch.log(torch.tensor(float(k)))).clamp_min(0.0)
+    return (kl.mean(0) / math.log(k)).clamp_min(0.0)
 
 
 def _autograd_mixture(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -73,22 +69,9 @@ def time_case(case: dict, repeats: int, closed_form: bool, seed: int = 0) -> lis
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    results = {"repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
-    for name, case in CASES.items():
-        closed, auto = time_case(case, args.repeats, True), time_case(case, args.repeats, False)
-        results["cases"][name] = {**case, "closed_form_s": statistics.median(closed), "autograd_s": statistics.median(auto),
-                                  "speedup": statistics.median(auto) / statistics.median(closed), "closed_form_all_s": closed, "autograd_all_s": auto}
-        print(f"{name}: closed form {1000 * statistics.median(closed):.2f} ms, autograd {1000 * statistics.median(auto):.2f} ms per forward + backward")
-    out = args.docs / "results" / "server_terms.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    variants = {"closed_form": lambda case, repeats: time_case(case, repeats, True),
+                "autograd": lambda case, repeats: time_case(case, repeats, False)}
+    return compare_variants(argv, __doc__, CASES, variants, "server_terms")
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ class CentralDistillation:
         self.ensemble_weighting = ensemble_weighting
         if ensemble_combination not in ("auto", *ENSEMBLE_COMBINATIONS):
             raise ValueError(f"ensemble_combination must be one of {('auto', *ENSEMBLE_COMBINATIONS)}, got {ensemble_combination!r}")
-        self.ensemble_option = ensemble_combination  # as configured; self.ensemble_combination is what is used
+        self.ensemble_option = ensemble_combination  # as configured; self.ensemble_used says what is used
         self.cards = transport.site_cards()
         self.spec = check_site_cards(self.cards)
         self.task, self.num_classes = self.spec["task"], self.spec["num_classes"]
@@ -426,14 +426,14 @@ class CentralDistillation:
         withheld = [n for n, c in zip(self.active_sites, counts) if c is None]
         if withheld:
             logger.warning("sites %s withhold class counts: weighted equally in every class", withheld)
-        self.ensemble_combination, weighting = self.ensemble_option, self.ensemble_weighting
+        combination, weighting = self.ensemble_option, self.ensemble_weighting
         if self.ensemble_option == "auto":
             one_class = [n for n, c in zip(self.active_sites, counts) if c is not None and min(c) == 0]
-            self.ensemble_combination = "product" if one_class and self.task == "classification" else "mixture"
-            if self.ensemble_combination == "product":
+            combination = "product" if one_class and self.task == "classification" else "mixture"
+            if combination == "product":
                 weighting = "mean"  # class-share weights would silence exactly the sites of one class
                 logger.info("sites %s never saw some class: the ensemble is a product of equally weighted sites", one_class)
-        self.ensemble_used = {"combination": self.ensemble_combination, "weighting": weighting}
+        self.ensemble_used = {"combination": combination, "weighting": weighting}
         if weighting == "mean":  # every site counts the same in every class (ablation, DENSE)
             counts = [None] * len(counts)
         weighted = contrast_counts(counts) if weighting == "contrast" else counts
@@ -641,7 +641,7 @@ class CentralDistillation:
 
     def _ensemble(self, stacked: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """The ensemble's log-probabilities from the sites' stacked log-probabilities (weights and combination of the run)."""
-        return ensemble_log_probabilities(stacked, self.expertise, temperature=temperature, combination=self.ensemble_combination)
+        return ensemble_log_probabilities(stacked, self.expertise, temperature=temperature, combination=self.ensemble_used["combination"])
 
     def _synthesize(self, z, labels) -> torch.Tensor:
         if self.layouts is not None:

@@ -1,0 +1,38 @@
+"""The command line shared by the A/B timing benchmarks: median times of two variants per case, written to docs/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def compare_variants(argv, description: str, cases: Mapping[str, dict], variants: Mapping[str, Callable[[dict, int], list[float]]],
+                     result_name: str) -> int:
+    """Time every case with each of two ``variants`` (``name -> time(case, repeats) -> seconds per repeat``) and write
+    ``docs/results/<result_name>.json``: per case its medians ``<variant>_s``, all times ``<variant>_all_s`` and
+    ``speedup`` (the second variant's median over the first's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    (first, time_first), (second, time_second) = variants.items()
+    results = {"repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
+    for name, case in cases.items():
+        a, b = time_first(case, args.repeats), time_second(case, args.repeats)
+        results["cases"][name] = {**case, f"{first}_s": statistics.median(a), f"{second}_s": statistics.median(b),
+                                  "speedup": statistics.median(b) / statistics.median(a), f"{first}_all_s": a, f"{second}_all_s": b}
+        print(f"{name}: {first} {1000 * statistics.median(a):.2f} ms, {second} {1000 * statistics.median(b):.2f} ms per forward + backward")
+    out = args.docs / "results" / f"{result_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
