@@ -9,7 +9,7 @@ every site's test split. Beside them, the real-input upper bound: the same stude
 sites' *real* training patches labelled by the site ensemble (not data-free; it separates the generator's gap from
 the distillation's). Written: ``docs/results/segmentation_generators_<benchmark>.json`` (Dice per class and mean,
 steps, wall time, final layout agreement and foreground share of every variant and seed),
-``docs/results/segmentation_generators/<variant>_<budget>s_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
+``docs/results/segmentation_generators/<benchmark>/<variant>_<budget>s_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
 layout variants also the layouts) and a section of ``docs/results.md``.
 """
 
@@ -216,7 +216,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
             results["runs"].append(record)
             montages = sorted((d / "montages").glob("iter_*.png"))
             if docs is not None and montages:
-                folder = Path(docs) / "results" / "segmentation_generators"
+                folder = Path(docs) / "results" / "segmentation_generators" / cfg["name"]  # variant names repeat across benchmarks
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
                 shutil.copyfile(last, folder / f"{v}_{seconds:.0f}s_seed{seed}.png")
@@ -370,7 +370,7 @@ def write_markdown(results: dict, page: Path) -> None:
                          f"{fmt(mean([r['pooled']['mean_dice'] for r in rs if r['pooled']['mean_dice'] is not None]))} | {fmt(mean(col('target')))} | "
                          f"{fmt(mean(col('local')))} | " + (f"{mean([g for g in gaps if g is not None]):+.3f}" if any(g is not None for g in gaps) else "–") + " |")
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
-              "`docs/results/segmentation_generators/`.", "",
+              f"`docs/results/segmentation_generators/{name}/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
               f"--seconds S --seeds K --variants ...` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
     write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
