@@ -104,7 +104,7 @@ def test_tiny_segmentation_benchmark_runs_every_method(tmp_path):
 def test_every_shipped_ixi_config_partitions_the_full_release(tmp_path):
     """The shipped configs are what users run: each must partition the real IXI release for each of its seeds
     (the age split once failed on subjects without an age, which a tiny fixture never shows)."""
-    from monai_fedkd.benchmarks.suite import CONFIGS
+    from monai_fedkd.benchmarks.suite import CONFIGS, partition_arguments
     from monai_fedkd.data.partition import partition_datalist
     from monai_fedkd.data.prepare import prepare_dataset
 
@@ -115,12 +115,10 @@ def test_every_shipped_ixi_config_partitions_the_full_release(tmp_path):
     configs = [c for c in configs if c["dataset"] == "ixi"]
     assert {c["partition"]["method"] for c in configs} == {"acquisition", "metadata"}
     for cfg in configs:
-        kwargs = {k: v for k, v in cfg["partition"].items() if k not in ("method", "alpha")}
         for seed in cfg["seeds"]:
             out = tmp_path / cfg["name"] / str(seed)
-            manifest = json.loads(partition_datalist(datalist, out, num_sites=cfg["num_sites"], method=cfg["partition"]["method"],
-                                                     seed=seed, task=info["task"], num_classes=info["num_classes"],
-                                                     **kwargs).read_text())
+            manifest = json.loads(partition_datalist(datalist, out, num_sites=cfg["num_sites"], seed=seed, task=info["task"],
+                                                     num_classes=info["num_classes"], **partition_arguments(cfg)).read_text())
             assert len(manifest["sites"]) == cfg["num_sites"], cfg["name"]
             for site in manifest["sites"]:
                 items = json.loads((out / site["datalist"]).read_text())

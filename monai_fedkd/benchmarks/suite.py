@@ -156,15 +156,20 @@ def _records(metrics: Mapping, methods: Mapping[str, str], benchmark: str, seed:
     return out
 
 
+def partition_arguments(cfg: Mapping) -> dict:
+    """The keyword arguments of ``partition_datalist`` that the config's ``partition`` block stands for (``alpha``
+    defaults to 0.5, as in ``run_pipeline``)."""
+    return {"alpha": 0.5, **cfg["partition"]}
+
+
 def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, list[Path], list[Path], dict]:
     """Train (or reuse, when trained for the same split and seed) the benchmark's sites for ``seed``; returns the run
     folder, the site model folders, their datalists and the dataset info. Writes ``<run>/sites.json``."""
-    partition = dict(cfg["partition"])
+    partition = partition_arguments(cfg)
     run = Path(workdir) / cfg["name"] / f"seed{seed}"
     run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=Path(workdir) / "data", mirror=mirror, num_sites=cfg["num_sites"],
-                 method=partition["method"], alpha=partition.get("alpha", 0.5), seed=seed, max_per_split=cfg.get("max_per_split"),
-                 site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True,
-                 partition_kwargs={k: v for k, v in partition.items() if k not in ("method", "alpha")})
+                 method=partition.pop("method"), alpha=partition.pop("alpha"), seed=seed, max_per_split=cfg.get("max_per_split"),
+                 site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True, partition_kwargs=partition)
     manifest_path = run / "sites" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     info = json.loads((manifest_path.parent / manifest["source"]["dataset_info"]).read_text())
