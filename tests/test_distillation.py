@@ -208,6 +208,41 @@ def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, student_dice_weight=1.0)
 
 
+def test_cosine_student_lr_decays_with_progress_and_constant_stays(cls_sites, tmp_path):
+    """student_lr_schedule "cosine": each step's student updates use half a cosine of the run's progress (steps, and
+    the wall-time budget when that is further along); "constant" keeps student_lr; the card records the schedule."""
+    from monai_fedkd.server.distillation import cosine_lr
+
+    def lrs(out, **kw):
+        d = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, out=out, iterations=4, checkpoint_interval=100,
+                       student_lr=2e-3, **kw)
+        seen, step = [], d._step
+
+        def spied(engine, batch):
+            out = step(engine, batch)
+            seen.append((out["student/lr"], d.s_optimizer.param_groups[0]["lr"]))
+            return out
+
+        d._step = spied
+        d.run()
+        assert all(a == b for a, b in seen), "the optimizer used the logged rate"
+        return [a for a, _ in seen], json.loads((tmp_path / out / "central_card.json").read_text())
+
+    cosine, card = lrs("cosine", student_lr_schedule="cosine")
+    assert cosine == pytest.approx([cosine_lr(2e-3, k / 4) for k in range(4)])
+    assert cosine[0] == pytest.approx(2e-3) and all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] > 0
+    assert card["student_lr_schedule"] == "cosine" and card["student_lr"] == 2e-3
+    constant, card = lrs("constant")
+    assert constant == [2e-3] * 4 and card["student_lr_schedule"] == "constant"
+    # under a wall-time budget the schedule follows the elapsed share when it is ahead of the steps: a 1 ms budget is
+    # spent by the first generator step, so its student updates already run at rate 0 (and the run stops after it)
+    budget, card = lrs("budget", student_lr_schedule="cosine", max_seconds=1e-3)
+    assert budget == [0.0] and card["stopped_by_budget"]
+    assert cosine_lr(1.0, 0.5) == pytest.approx(0.5) and cosine_lr(1.0, 2.0) == 0.0 and cosine_lr(1.0, -1.0) == 1.0
+    with pytest.raises(ValueError, match="student_lr_schedule must be one of"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, student_lr_schedule="linear")
+
+
 def test_server_terms_of_weight_zero_are_not_computed(cls_sites, tmp_path):
     """A server term of weight 0 costs nothing: without the adversarial term the generator step runs no student
     forward pass; with every server term at 0 the run still trains (image priors only)."""

@@ -66,9 +66,11 @@ def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
     # a process that started before "b" was published reruns "a" at 60 s: "b" and the 600 s run stay
     merged = _merge_published(out, {"benchmark": "b", "variants": {"a": {}}, "runs": [rec("a", 60.0, "s1", 0.5)]})
     assert sorted((r["variant"], r["seconds"], r["pooled"]["mean_dice"]) for r in merged["runs"]) == [("a", 60.0, 0.5), ("a", 600.0, 0.3), ("b", 60.0, 0.2)]
-    # the sites of seed 0 were trained anew: what was made from the old ones is dropped
-    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [rec("c", 60.0, "s2", 0.4)]})
-    assert [(r["variant"], r["sites_sha256"]) for r in merged["runs"]] == [("c", "s2")]
+    # the sites of seed 0 were trained anew: the runs made from the old ones stay (the tables keep them apart), and a
+    # rerun of "a" on the new sites replaces nothing made from the old ones
+    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [rec("c", 60.0, "s2", 0.4), rec("a", 60.0, "s2", 0.6)]})
+    assert [(r["variant"], r["seconds"], r["sites_sha256"]) for r in merged["runs"]] == [
+        ("a", 60.0, "s1"), ("b", 60.0, "s1"), ("a", 600.0, "s1"), ("c", 60.0, "s2"), ("a", 60.0, "s2")]
 
 
 def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path):
@@ -92,3 +94,16 @@ def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path
     assert "| x (60 s) | 0 | 0.500 | 0.500 | 0.540 | 0.520 | -0.040 |" in finalists  # the stricter of 0.9 x 0.60 and 0.52
     assert "| x (60 s) | 1 | 0.900 | 0.900 | 0.855 | 0.800 | +0.045 |" in finalists
     assert "| y (60 s) |" not in finalists, "a variant of one seed is no finalist"
+    assert "earlier site models" not in text
+
+    # seed 0's sites are trained anew and x rerun on them: the tables above hold the new sites' runs only, the runs
+    # of the earlier sites keep a table of their own
+    def on(r, sites):
+        return {**r, "sites_sha256": sites}
+
+    runs = [on(r, "old0" if r["seed"] == 0 else "s1") for r in runs] + [on(rec("x", 0, 0.70, 0.71, 0.65, 0.60), "new0")]
+    write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": runs}, page)
+    current, earlier = page.read_text().split("earlier site models")
+    assert "| x (60 s) | 0 | 0.700 | 0.710 | 0.585 | 0.600 | +0.110 |" in current and "| x (60 s) | 0 | 0.500 |" not in current
+    assert "| y (60 s) |" not in current, "y ran on the earlier sites only"
+    assert earlier.index("| y (60 s) | 0.550 | 0.560 |") < earlier.index("| x (60 s) | 0.500 | 0.500 |"), "the earlier sites' screening"

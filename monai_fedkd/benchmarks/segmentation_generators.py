@@ -76,6 +76,13 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # on top of weight 10: the student's loss adds a soft Dice term over the foreground classes to the voxel-wise KL
     "layout_student_dice_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                    "student_dice_weight": 1.0, "site_options#policy": {"atlas_align": "foreground"}}),
+    # on top of weight 10: the student's learning rate decays along half a cosine to 0 over the wall-time budget, from
+    # the constant rate of the default (1e-3) or from the sites' own training rate (2e-3)
+    "layout_student_cosine": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                   "student_lr_schedule": "cosine", "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_student_cosine_lr_2e-3": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                           "student_lr_schedule": "cosine", "student_lr": 0.002,
+                                           "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 
@@ -87,7 +94,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     from monai.utils import set_determinism
 
     from monai_fedkd.losses import DistillationLoss, ensemble_log_probabilities, site_weights
-    from monai_fedkd.server.distillation import SampleCache, _EMA
+    from monai_fedkd.server.distillation import SampleCache, _EMA, cosine_lr
     from monai_fedkd.site.policy import released_log_probabilities
     from monai_fedkd.transport import QueryRequest
 
@@ -98,7 +105,7 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
     # the bound trains on the sites' real patches: they load them whatever the data-free default says
     parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True})
     cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup",
-                                                     "student_dice_weight")}
+                                                     "student_dice_weight", "student_lr_schedule")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
     sites, size = parser.get_parsed_content("query_sites"), parser.get_parsed_content("synthesis_size")
     cards = transport.site_cards()
@@ -116,6 +123,9 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
         log_probs = ensemble_log_probabilities(stacked, expertise)
         cache.push(x, log_probs.exp())
         student.train()
+        if cfg["student_lr_schedule"] == "cosine":  # the bundle's schedule over the same budget
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg["student_lr"], (time.perf_counter() - start) / seconds)
         for _ in range(cfg["student_steps"]):
             xb, pb = cache.sample(cfg["student_batch_size"], g)
             loss = loss_fn(student(xb), pb)
@@ -219,10 +229,13 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder = Path(docs) / "results" / "segmentation_generators" / cfg["name"]  # variant names repeat across benchmarks
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
-                shutil.copyfile(last, folder / f"{v}_{seconds:.0f}s_seed{seed}.png")
+                stem = f"{v}_{seconds:.0f}s_seed{seed}"
+                if (seed, v, seconds) in _published_on_other_sites(out_json, sites_sha256):
+                    stem += f"_sites{sites_sha256[:8]}"  # the published montage of that name shows the earlier sites' run
+                shutil.copyfile(last, folder / f"{stem}.png")
                 layout = last.with_name(last.stem + "_layout.png")
                 if layout.is_file():
-                    shutil.copyfile(layout, folder / f"{v}_{seconds:.0f}s_seed{seed}_layout.png")
+                    shutil.copyfile(layout, folder / f"{stem}_layout.png")
         if out_json is not None:
             published = _merge_published(out_json, results)
             out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -289,20 +302,29 @@ def _sites_checksum(site_dirs) -> str:
 
 def _merge_published(out_json: Path, results: dict) -> dict:
     """The published runs (including those another variant's process wrote since this one started) with the runs
-    this call made (``results["runs"]``) in place of those of the same seed, variant and budget."""
+    this call made (``results["runs"]``) in place of those of the same seed, variant, budget and site models. Runs
+    made from other site models of a seed (its sites were trained anew) are kept: the tables compare runs of the
+    same site models only (:func:`write_markdown`)."""
     produced = results["runs"]
     if not out_json.is_file():
         return {**results, "runs": list(produced)}
     old = json.loads(out_json.read_text())
-    mine = {(r["seed"], r["variant"], r["seconds"]) for r in produced}
-    sites = {r["seed"]: r["sites_sha256"] for r in produced}
+    mine = {_run_key(r) for r in produced}
     kept = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]  # early records named their budget once
-    kept = [r for r in kept if (r["seed"], r["variant"], r["seconds"]) not in mine]
-    stale = [r for r in kept if r["seed"] in sites and r.get("sites_sha256") != sites[r["seed"]]]
-    if stale:  # the sites of that seed were trained anew since: those variants are not comparable any more
-        logger.warning("dropping %d published runs made from other site models: %s", len(stale), sorted({r["variant"] for r in stale}))
-        kept = [r for r in kept if r not in stale]
+    kept = [r for r in kept if _run_key(r) not in mine]
     return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + produced}
+
+
+def _published_on_other_sites(out_json: Path | None, sites_sha256: str) -> set[tuple]:
+    """(seed, variant, seconds) of the published runs made from other site models than ``sites_sha256``."""
+    if out_json is None or not out_json.is_file():
+        return set()
+    old = json.loads(out_json.read_text())
+    return {(r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) for r in old["runs"] if r.get("sites_sha256") != sites_sha256}
+
+
+def _run_key(r: dict) -> tuple:
+    return r["seed"], r["variant"], r["seconds"], r.get("sites_sha256")
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -315,22 +337,23 @@ def _reference(r: dict) -> dict:
     return {"ensemble": ens, "target": None if ens is None else 0.9 * ens, "local": local}
 
 
-def write_markdown(results: dict, page: Path) -> None:
-    """The screening table (every variant on the seeds all of them ran, so that rows compare like with like) and the
-    finalists' table (every variant run on more than one seed: each seed against its own references and the target)."""
-    name = results["benchmark"]
+_mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
+_fmt = lambda x: "–" if x is None or x != x else f"{x:.3f}"  # noqa: E731
+
+
+def _by_variant(runs, default_seconds) -> dict[str, list[dict]]:
     by_variant: dict[str, list[dict]] = {}
-    for r in results["runs"]:
-        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', results['seconds_per_variant']):.0f} s)", []).append(r)
+    for r in runs:
+        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s)", []).append(r)
+    return by_variant
+
+
+def _screening_lines(by_variant: dict[str, list[dict]], classes: list[str]) -> tuple[list[int], list[str]]:
+    """The screening table of ``by_variant`` on the seeds every variant ran, ranked by validation Dice, and each
+    of those seeds' references."""
     screen = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in by_variant.values()])) if by_variant else []
-    classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
-    mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
-    fmt = lambda x: "–" if x is None or x != x else f"{x:.3f}"  # noqa: E731
-    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
-             f"Pooled Dice of the central model per generator variant and distillation budget on seed(s) {', '.join(map(str, screen)) or '–'} "
-             "(the seeds every variant ran): on the sites' validation splits (what variants are chosen by) and on their test splits "
-             "(reported, never chosen by), with the test Dice per foreground class. Same sites and split for every variant.", "",
-             "| variant | validation Dice | test Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
+    mean, fmt = _mean, _fmt
+    lines = ["| variant | validation Dice | test Dice | " + " | ".join(classes) + " | steps | wall (s) | layout Dice (ensemble vs layout) | foreground share |",
              "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|"]
 
     def rank(rs):  # by validation Dice where recorded
@@ -348,10 +371,31 @@ def write_markdown(results: dict, page: Path) -> None:
                      + " | ".join(fmt(x) for x in per_class) + f" | {mean([r['steps'] for r in rs]):.0f} | "
                      + (f"{mean(walls):.0f}" if walls else "–") + f" | {fmt(mean(ld) if ld else None)} | " + (f"{mean(fg):.4f}" if fg else "–") + " |")
     for seed in screen:
-        ref = next((_reference(r) for r in results["runs"] if r["seed"] == seed and r.get("reference")), None)
+        ref = next((_reference(r) for rs in screened.values() for r in rs if r["seed"] == seed and r.get("reference")), None)
         if ref:
             lines += ["", f"References (seed {seed}, test): weighted ensemble {fmt(ref['ensemble'])}, target 0.9 × ensemble {fmt(ref['target'])}, "
                       f"mean local model {fmt(ref['local'])}. Target: central ≥ 0.9 × ensemble and ≥ mean local."]
+    return screen, lines
+
+
+def write_markdown(results: dict, page: Path) -> None:
+    """The screening table (every variant on the seeds all of them ran, so that rows compare like with like) and the
+    finalists' table (every variant run on more than one seed: each seed against its own references and the target),
+    both over the runs made from each seed's current site models (those of its latest run); below them, one screening
+    table per seed whose sites were trained anew since, over the runs made from its earlier site models."""
+    name = results["benchmark"]
+    mean, fmt = _mean, _fmt
+    current = {r["seed"]: r.get("sites_sha256") for r in results["runs"]}  # records are in the order they were made
+    now = [r for r in results["runs"] if r.get("sites_sha256") == current[r["seed"]]]
+    earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
+    classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
+    by_variant = _by_variant(now, results["seconds_per_variant"])
+    screen, table = _screening_lines(by_variant, classes)
+    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
+             f"Pooled Dice of the central model per generator variant and distillation budget on seed(s) {', '.join(map(str, screen)) or '–'} "
+             "(the seeds every variant ran): on the sites' validation splits (what variants are chosen by) and on their test splits "
+             "(reported, never chosen by), with the test Dice per foreground class. Same sites and split for every variant "
+             "(each seed's current site models).", "", *table]
     finalists = {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in by_variant.items() if len({r["seed"] for r in rs}) > 1}
     if finalists:
         lines += ["", "Finalists, every seed against its own sites' references (test Dice; the target: ≥ 0.9 × the weighted ensemble "
@@ -369,6 +413,13 @@ def write_markdown(results: dict, page: Path) -> None:
             lines.append(f"| {v} | mean | {fmt(mean([r['validation']['mean_dice'] for r in rs if r.get('validation')]))} | "
                          f"{fmt(mean([r['pooled']['mean_dice'] for r in rs if r['pooled']['mean_dice'] is not None]))} | {fmt(mean(col('target')))} | "
                          f"{fmt(mean(col('local')))} | " + (f"{mean([g for g in gaps if g is not None]):+.3f}" if any(g is not None for g in gaps) else "–") + " |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in earlier:
+        groups.setdefault((r["seed"], r.get("sites_sha256")), []).append(r)
+    for (seed, sites), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        _, table = _screening_lines(_by_variant(rs, results["seconds_per_variant"]), classes)
+        lines += ["", f"Seed {seed}, earlier site models (sha256 {str(sites)[:12]}…; the seed's sites were trained anew since, so these "
+                  "runs compare with each other only):", "", *table]
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
               f"`docs/results/segmentation_generators/{name}/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "

@@ -20,6 +20,7 @@ import copy
 import datetime
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -79,6 +80,14 @@ DEFAULT_WEIGHTS = {
     "class_intensity": 0.0,  # each painted structure's intensities follow the sites' quantiles for its class (segmentation)
 }
 SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
+
+
+STUDENT_LR_SCHEDULES = ("constant", "cosine")
+
+
+def cosine_lr(base: float, progress: float) -> float:
+    """Half a cosine from ``base`` (progress 0) to 0 (progress 1 and beyond)."""
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def check_site_cards(cards: Mapping[str, Mapping]) -> dict:
@@ -208,6 +217,10 @@ class CentralDistillation:
         student_steps / student_batch_size: student updates per generator step, drawn from the sample cache.
         weights: loss weights (see ``DEFAULT_WEIGHTS``); site-local ones are sent to the sites with each query.
         temperature / distill_mode: student loss, "kl" at temperature T or "mse" on logits.
+        student_lr_schedule: ``"constant"`` (default) or ``"cosine"``: the student's learning rate follows half a cosine
+            from ``student_lr`` to 0 over the run's progress, the larger of ``iteration / iterations`` and (with a
+            budget) ``elapsed / max_seconds``, so a run under a wall-time budget also ends at a small step size (a
+            resumed run counts its elapsed time from the restart, as ``max_seconds`` does).
         student_dice_weight: segmentation with ``distill_mode="kl"``: adds this times a soft Dice term between the
             student and the ensemble over the foreground classes (:class:`~monai_fedkd.losses.DistillationLoss`
             ``dice_weight``), so that small structures weigh as much as in the Dice the model is judged by. 0: KL only.
@@ -273,6 +286,7 @@ class CentralDistillation:
         student_batch_size: int | None = None,
         generator_lr: float = 1e-3,
         student_lr: float = 1e-3,
+        student_lr_schedule: str = "constant",
         weights: Mapping[str, float] | None = None,
         temperature: float = 1.0,
         distill_mode: str = "kl",
@@ -356,6 +370,10 @@ class CentralDistillation:
 
         self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr, betas=(0.5, 0.999))
         self.s_optimizer = torch.optim.Adam(self.student.parameters(), lr=student_lr)
+        if student_lr_schedule not in STUDENT_LR_SCHEDULES:
+            raise ValueError(f"student_lr_schedule must be one of {STUDENT_LR_SCHEDULES}, got {student_lr_schedule!r}")
+        self.student_lr, self.student_lr_schedule = float(student_lr), student_lr_schedule
+        self._started: float | None = None  # perf_counter at the run's (re)start, for a time-based schedule
         self.ema = _EMA(self.student, ema_decay, warmup=ema_warmup)
         self.cache = SampleCache(cache_size)
         self.temperature = float(temperature)
@@ -670,6 +688,9 @@ class CentralDistillation:
         self.cache.push(x.detach(), targets.detach())
 
         t0 = time.perf_counter()
+        lr = self._student_lr(step)
+        for group in self.s_optimizer.param_groups:
+            group["lr"] = lr
         self.student.train()
         g = self._rng(step, 1)
         losses = []
@@ -687,6 +708,7 @@ class CentralDistillation:
             losses.append(float(loss))
         self.timing["student_s"] += time.perf_counter() - t0
         out["student/distillation"] = sum(losses) / max(len(losses), 1)
+        out["student/lr"] = lr
         if self.task == "segmentation":
             with torch.no_grad():
                 out["generator/foreground_fraction"] = float((probs.argmax(1) > 0).float().mean())
@@ -700,6 +722,15 @@ class CentralDistillation:
         engine.state.last_inputs = x.detach()
         engine.state.last_probs = probs.detach()
         return out
+
+    def _student_lr(self, step: int) -> float:
+        """The student's learning rate at ``step`` (0-based) under ``student_lr_schedule``."""
+        if self.student_lr_schedule == "constant":
+            return self.student_lr
+        progress = step / max(self.iterations, 1)
+        if self.max_seconds is not None and self._started is not None:
+            progress = max(progress, (time.perf_counter() - self._started) / self.max_seconds)
+        return cosine_lr(self.student_lr, progress)
 
     def _transform_student_inputs(self, xb: torch.Tensor) -> torch.Tensor:
         lo, hi = self.spec.get("value_range") or (float("-inf"), float("inf"))
@@ -780,6 +811,8 @@ class CentralDistillation:
             "batch_size": self.batch_size,
             "boundary_fraction": self.boundary_fraction,
             "student_steps": self.student_steps,
+            "student_lr": self.student_lr,
+            "student_lr_schedule": self.student_lr_schedule,
             "student_dice_weight": self.distill.dice_weight,
             "generator_iterations": self.generator_iterations,
             "prior_warmup_iterations": self.prior_warmup_iterations,
@@ -849,8 +882,9 @@ class CentralDistillation:
         except ImportError:  # tensorboard is optional for library users
             logger.warning("tensorboard is not installed: no scalars/images written")
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_scalars)
+        self._started = time.perf_counter()
         if self.max_seconds is not None:
-            started = time.perf_counter()
+            started = self._started
 
             def over_budget(e):
                 if time.perf_counter() - started > self.max_seconds and e.state.iteration < self.iterations:
