@@ -180,6 +180,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         if info["task"] != "segmentation":
             raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
         sites_sha256 = _sites_checksum(site_dirs)
+        elsewhere = _published_on_other_sites(out_json, sites_sha256)  # their montages keep their names
         built = {}
         for v in variants:
             name = f"generator_{v}_{seconds:.0f}s"  # one folder per variant and budget
@@ -230,7 +231,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
                 stem = f"{v}_{seconds:.0f}s_seed{seed}"
-                if (seed, v, seconds) in _published_on_other_sites(out_json, sites_sha256):
+                if (seed, v, seconds) in elsewhere:
                     stem += f"_sites{sites_sha256[:8]}"  # the published montage of that name shows the earlier sites' run
                 shutil.copyfile(last, folder / f"{stem}.png")
                 layout = last.with_name(last.stem + "_layout.png")
