@@ -139,6 +139,14 @@ def distill_central(workdir: Path, site_dirs, site_files, task: str, overrides: 
     return central_dir
 
 
+def seed_data_dir(data_root: str | Path, seed: int) -> Path:
+    """The folder of the dataset prepared for ``seed`` under ``data_root``. The prepared dataset's own
+    train/validation/test split (and the intensity range measured on its training volumes) depends on the seed, so
+    runs of several seeds must not share one folder: each would re-prepare it, and a run of another seed at the same
+    time would partition, train or evaluate on the wrong split."""
+    return Path(data_root) / f"seed{int(seed)}"
+
+
 def run_pipeline(
     dataset: str = "pneumoniamnist",
     workdir: str | Path = "runs/demo",

@@ -71,6 +71,10 @@ def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
     merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [rec("c", 60.0, "s2", 0.4), rec("a", 60.0, "s2", 0.6)]})
     assert [(r["variant"], r["seconds"], r["sites_sha256"]) for r in merged["runs"]] == [
         ("a", 60.0, "s1"), ("b", 60.0, "s1"), ("a", 600.0, "s1"), ("c", 60.0, "s2"), ("a", 60.0, "s2")]
+    # a run with two threads gets more steps in the same wall time: it replaces no run of one thread
+    out.write_text(json.dumps(merged))
+    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [{**rec("a", 60.0, "s2", 0.7), "torch_threads": 2}]})
+    assert sorted(r["pooled"]["mean_dice"] for r in merged["runs"] if (r["variant"], r["sites_sha256"]) == ("a", "s2")) == [0.6, 0.7]
 
 
 def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path):
@@ -88,13 +92,17 @@ def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path
     write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": runs}, page)
     text = page.read_text()
     screening = text.split("Finalists")[0]
-    assert "seed(s) 0 " in screening and screening.index("| y (60 s)") < screening.index("| x (60 s)"), "y wins on the shared seed"
-    assert "| x (60 s) | 0.500 | 0.500 |" in screening, "x's seed 1 stays out of the screening table"
+    seed0, seed1 = screening.split("Seed 1 (")
+    assert "Seed 0 (" in seed0 and seed0.index("| y (60 s)") < seed0.index("| x (60 s)"), "y wins on seed 0"
+    assert "| x (60 s) | 0.500 | 0.500 |" in seed0, "seed 0's table holds seed 0's runs only"
+    assert "| x (60 s) | 0.900 | 0.900 |" in seed1 and "| y (60 s)" not in seed1, "seed 1's table holds only what ran on seed 1"
     finalists = text.split("Finalists")[1]
     assert "| x (60 s) | 0 | 0.500 | 0.500 | 0.540 | 0.520 | -0.040 |" in finalists  # the stricter of 0.9 x 0.60 and 0.52
     assert "| x (60 s) | 1 | 0.900 | 0.900 | 0.855 | 0.800 | +0.045 |" in finalists
     assert "| y (60 s) |" not in finalists, "a variant of one seed is no finalist"
     assert "earlier site models" not in text
+    write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": [*runs, {**rec("y", 0, 0.3, 0.3, 0.6, 0.52), "torch_threads": 2}]}, page)
+    assert "| y (60 s, 2 threads) | 0.300 | 0.300 |" in page.read_text() and "| y (60 s) | 0.550 | 0.560 |" in page.read_text()
 
     # seed 0's sites are trained anew and x rerun on them: the tables above hold the new sites' runs only, the runs
     # of the earlier sites keep a table of their own

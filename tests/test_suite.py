@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -123,3 +124,25 @@ def test_every_shipped_ixi_config_partitions_the_full_release(tmp_path):
             for site in manifest["sites"]:
                 items = json.loads((out / site["datalist"]).read_text())
                 assert items["training"] and items["test"], (cfg["name"], seed, site["name"])
+
+
+def test_seeds_of_one_benchmark_keep_their_own_prepared_data(tmp_path):
+    """The prepared dataset's split depends on the seed: preparing seed 1 in the same work folder (e.g. at the same
+    time, as two benchmark processes do) must leave seed 0's sites on seed 0's data."""
+    from monai_fedkd.benchmarks.suite import prepare_sites
+
+    require("ixi_hh", "t1")
+    cfg = {"name": "two_seeds", "dataset": "ixi", "num_sites": 2, "partition": {"method": "acquisition"}, "max_per_split": 4,
+           "site_overrides": {"spacing": [8.0, 8.0, 8.0], "spatial_size": [8, 8, 8], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
+                              "network_def#channels": [4, 8, 16], "network_def#strides": [2, 2], "answer_policy": {"atlas_min_subjects": 1}}}
+    workdir = os.path.relpath(tmp_path / "runs")
+    run0, _, files0, _ = prepare_sites(cfg, 0, workdir, SHARED_DATA)
+    manifest0 = json.loads((run0 / "sites" / "manifest.json").read_text())
+    subjects0 = [json.loads(f.read_text())["training"] for f in files0]
+    prepare_sites(cfg, 1, workdir, SHARED_DATA)
+    info0 = run0 / "sites" / manifest0["source"]["dataset_info"]
+    assert hashlib.sha256(info0.read_bytes()).hexdigest() == manifest0["source"]["dataset_info_sha256"], "seed 1 re-prepared seed 0's data"
+    datalist0 = json.loads((info0.parent / "datalist.json").read_text())
+    assert datalist0["training"] and json.loads((info0.parent / "dataset_info.json").read_text())["parameters"]["seed"] == 0
+    for f, items in zip(files0, subjects0):
+        assert all((f.parent / it["image"]).is_file() for it in items)

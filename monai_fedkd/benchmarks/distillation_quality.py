@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from monai_fedkd.pipeline import run_pipeline
+from monai_fedkd.pipeline import run_pipeline, seed_data_dir
 
 BENCHMARKS = {
     "pneumoniamnist_a0.5": dict(dataset="pneumoniamnist", num_sites=5, method="dirichlet", alpha=0.5,
@@ -81,7 +81,8 @@ def run(name: str, seeds, mirror, workroot: Path, central_iterations: int | None
         central = dict(central_defaults)
         if central_iterations:
             central["iterations"] = central_iterations
-        run_pipeline(workdir=workdir, data_dir=workroot / "data", mirror=mirror, seed=seed, central_overrides=central, reuse_sites=True, **spec)
+        run_pipeline(workdir=workdir, data_dir=seed_data_dir(workroot / "data", seed), mirror=mirror, seed=seed, central_overrides=central,
+                     reuse_sites=True, **spec)
         metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
         timings = json.loads((workdir / "timings.json").read_text())
         card = json.loads((workdir / "central" / "central_card.json").read_text())

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from monai_fedkd.pipeline import bundle_command, dataset_overrides, distill_central, run_pipeline
+from monai_fedkd.pipeline import bundle_command, dataset_overrides, distill_central, run_pipeline, seed_data_dir
 
 logger = logging.getLogger(__name__)
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -49,7 +49,7 @@ def price_policy(noise: float) -> dict:
 
 
 def _sites(workdir: Path, dataset: str, num_sites: int, mirror, seed: int) -> tuple[list[Path], list[Path], dict]:
-    run_pipeline(dataset=dataset, workdir=workdir, data_dir=workdir.parent / "data", mirror=mirror, num_sites=num_sites,
+    run_pipeline(dataset=dataset, workdir=workdir, data_dir=seed_data_dir(workdir.parent / "data", seed), mirror=mirror, num_sites=num_sites,
                  alpha=0.5, seed=seed, distill=False, reuse_sites=True)
     manifest = json.loads((workdir / "sites" / "manifest.json").read_text())
     files = [workdir / "sites" / s["datalist"] for s in manifest["sites"]]

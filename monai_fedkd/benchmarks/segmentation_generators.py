@@ -220,7 +220,9 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
-            record = {"seed": seed, "variant": v, "seconds": seconds, "sites_sha256": sites_sha256, "pooled": metrics[v]["pooled"],
+            # the budget is wall time, so the step count depends on the threads the distillation had (OMP_NUM_THREADS)
+            record = {"seed": seed, "variant": v, "seconds": seconds, "torch_threads": torch.get_num_threads(), "sites_sha256": sites_sha256,
+                      "pooled": metrics[v]["pooled"],
                       "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
                       "steps": card["iterations"], "wall_s": wall,
                       "reference": reference, **_scalars(d, ["generator/layout_agreement", "generator/foreground_fraction", "student/distillation"])}
@@ -230,7 +232,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder = Path(docs) / "results" / "segmentation_generators" / cfg["name"]  # variant names repeat across benchmarks
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
-                stem = f"{v}_{seconds:.0f}s_seed{seed}"
+                stem = f"{v}_{seconds:.0f}s_seed{seed}" + (f"_{record['torch_threads']}threads" if record["torch_threads"] > 1 else "")
                 if (seed, v, seconds) in elsewhere:
                     stem += f"_sites{sites_sha256[:8]}"  # the published montage of that name shows the earlier sites' run
                 shutil.copyfile(last, folder / f"{stem}.png")
@@ -325,7 +327,7 @@ def _published_on_other_sites(out_json: Path | None, sites_sha256: str) -> set[t
 
 
 def _run_key(r: dict) -> tuple:
-    return r["seed"], r["variant"], r["seconds"], r.get("sites_sha256")
+    return r["seed"], r["variant"], r["seconds"], r.get("torch_threads", 1), r.get("sites_sha256")
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -345,7 +347,8 @@ _fmt = lambda x: "–" if x is None or x != x else f"{x:.3f}"  # noqa: E731
 def _by_variant(runs, default_seconds) -> dict[str, list[dict]]:
     by_variant: dict[str, list[dict]] = {}
     for r in runs:
-        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s)", []).append(r)
+        threads = f", {r['torch_threads']} threads" if r.get("torch_threads", 1) > 1 else ""  # records before 2026-12-02 did not say
+        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s{threads})", []).append(r)
     return by_variant
 
 
@@ -380,7 +383,7 @@ def _screening_lines(by_variant: dict[str, list[dict]], classes: list[str]) -> t
 
 
 def write_markdown(results: dict, page: Path) -> None:
-    """The screening table (every variant on the seeds all of them ran, so that rows compare like with like) and the
+    """One screening table per seed (every variant run on that seed, so that rows compare like with like) and the
     finalists' table (every variant run on more than one seed: each seed against its own references and the target),
     both over the runs made from each seed's current site models (those of its latest run); below them, one screening
     table per seed whose sites were trained anew since, over the runs made from its earlier site models."""
@@ -391,12 +394,13 @@ def write_markdown(results: dict, page: Path) -> None:
     earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
     by_variant = _by_variant(now, results["seconds_per_variant"])
-    screen, table = _screening_lines(by_variant, classes)
     lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
-             f"Pooled Dice of the central model per generator variant and distillation budget on seed(s) {', '.join(map(str, screen)) or '–'} "
-             "(the seeds every variant ran): on the sites' validation splits (what variants are chosen by) and on their test splits "
-             "(reported, never chosen by), with the test Dice per foreground class. Same sites and split for every variant "
-             "(each seed's current site models).", "", *table]
+             "Pooled Dice of the central model per generator variant and distillation budget, one table per seed (each seed's "
+             "current site models, the same for every row of its table): on the sites' validation splits (what variants are chosen "
+             "by) and on their test splits (reported, never chosen by), with the test Dice per foreground class."]
+    for seed in sorted({r["seed"] for r in now}):  # a table per seed: variants compare only on the same sites
+        _, table = _screening_lines(_by_variant([r for r in now if r["seed"] == seed], results["seconds_per_variant"]), classes)
+        lines += ["", f"Seed {seed} (site models sha256 {str(current[seed])[:12]}…):", "", *table]
     finalists = {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in by_variant.items() if len({r["seed"] for r in rs}) > 1}
     if finalists:
         lines += ["", "Finalists, every seed against its own sites' references (test Dice; the target: ≥ 0.9 × the weighted ensemble "

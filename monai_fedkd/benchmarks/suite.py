@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Mapping
 
 from monai_fedkd import pipeline
-from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline
+from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline, seed_data_dir
 
 __all__ = ["METHODS", "load_config", "prepare_sites", "run_benchmark", "write_markdown"]
 
@@ -167,7 +167,8 @@ def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, 
     folder, the site model folders, their datalists and the dataset info. Writes ``<run>/sites.json``."""
     partition = partition_arguments(cfg)
     run = Path(workdir) / cfg["name"] / f"seed{seed}"
-    run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=Path(workdir) / "data", mirror=mirror, num_sites=cfg["num_sites"],
+    run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=seed_data_dir(Path(workdir) / "data", seed), mirror=mirror,
+                 num_sites=cfg["num_sites"],
                  method=partition.pop("method"), alpha=partition.pop("alpha"), seed=seed, max_per_split=cfg.get("max_per_split"),
                  site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True, partition_kwargs=partition)
     manifest_path = run / "sites" / "manifest.json"
