@@ -37,7 +37,10 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
         assert len(r["sites_sha256"]) == 64
     layout = next(r for r in written["runs"] if r["variant"] == "layout")
     assert 0.0 <= layout["generator/layout_agreement"] <= 1.0
-    assert (docs / "results" / "segmentation_generators" / "tiny_seg" / "layout_3s_seed0_layout.png").is_file()
+    # the budget is wall time: a run's thread count is recorded, and montages of more than one thread say so
+    assert layout["torch_threads"] >= 1
+    threads = f"_{layout['torch_threads']}threads" if layout["torch_threads"] > 1 else ""
+    assert (docs / "results" / "segmentation_generators" / "tiny_seg" / f"layout_3s_seed0{threads}_layout.png").is_file()
     assert "## 3D segmentation generators: tiny_seg" in (docs / "results.md").read_text()
     # another variant run later (or by another process at the same time) adds its records and keeps the others
     run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["layout_fg_student_augment"], docs=docs)
