@@ -232,7 +232,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder = Path(docs) / "results" / "segmentation_generators" / cfg["name"]  # variant names repeat across benchmarks
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
-                stem = f"{v}_{seconds:.0f}s_seed{seed}" + (f"_{record['torch_threads']}threads" if record["torch_threads"] > 1 else "")
+                stem = f"{v}_{seconds:.0f}s_seed{seed}" + (f"_{_threads(record)}threads" if _threads(record) > 1 else "")
                 if (seed, v, seconds) in elsewhere:
                     stem += f"_sites{sites_sha256[:8]}"  # the published montage of that name shows the earlier sites' run
                 shutil.copyfile(last, folder / f"{stem}.png")
@@ -326,8 +326,13 @@ def _published_on_other_sites(out_json: Path | None, sites_sha256: str) -> set[t
     return {(r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) for r in old["runs"] if r.get("sites_sha256") != sites_sha256}
 
 
+def _threads(r: dict) -> int:
+    """The torch threads a run had (records before 2026-12-02 did not say; most ran at one)."""
+    return r.get("torch_threads", 1)
+
+
 def _run_key(r: dict) -> tuple:
-    return r["seed"], r["variant"], r["seconds"], r.get("torch_threads", 1), r.get("sites_sha256")
+    return r["seed"], r["variant"], r["seconds"], _threads(r), r.get("sites_sha256")
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -347,7 +352,7 @@ _fmt = lambda x: "–" if x is None or x != x else f"{x:.3f}"  # noqa: E731
 def _by_variant(runs, default_seconds) -> dict[str, list[dict]]:
     by_variant: dict[str, list[dict]] = {}
     for r in runs:
-        threads = f", {r['torch_threads']} threads" if r.get("torch_threads", 1) > 1 else ""  # records before 2026-12-02 did not say
+        threads = f", {_threads(r)} threads" if _threads(r) > 1 else ""
         by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s{threads})", []).append(r)
     return by_variant
 

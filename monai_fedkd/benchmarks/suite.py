@@ -167,8 +167,7 @@ def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, 
     folder, the site model folders, their datalists and the dataset info. Writes ``<run>/sites.json``."""
     partition = partition_arguments(cfg)
     run = Path(workdir) / cfg["name"] / f"seed{seed}"
-    run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=seed_data_dir(Path(workdir) / "data", seed), mirror=mirror,
-                 num_sites=cfg["num_sites"],
+    run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=seed_data_dir(Path(workdir) / "data", seed), mirror=mirror, num_sites=cfg["num_sites"],
                  method=partition.pop("method"), alpha=partition.pop("alpha"), seed=seed, max_per_split=cfg.get("max_per_split"),
                  site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True, partition_kwargs=partition)
     manifest_path = run / "sites" / "manifest.json"
