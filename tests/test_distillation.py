@@ -474,7 +474,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
                        {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
                         "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
-                        "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
+                        "layout_options#class_balanced_crops": True, "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
                         "class_intensity_options": {"per_sample": True}, "student_dice_weight": 0.5}))
     finally:
         for site_dir, _ in seg_sites:
@@ -484,6 +484,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert net(torch.rand(1, 1, 16, 16, 16)).shape == (1, 6, 16, 16, 16)
     assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg_sites)
+    assert card["layouts"]["options"]["class_balanced_crops"] is True
     assert card["layouts"]["options"]["foreground_crop"] == 1.0 and "RandBiasField" in card["student_transform"]
     assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
     assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0

@@ -246,6 +246,26 @@ def test_foreground_crops_are_centred_on_structures():
         LayoutSampler(atlas, foreground_crop=1.5)
 
 
+def test_class_balanced_crops_give_small_structures_as_many_crops_as_large_ones():
+    # a large structure in one corner, a tiny one in the opposite corner: 8^3 crops centred on a foreground voxel
+    # almost always frame the large one; class-balanced crops frame each in about half of the samples
+    atlas = torch.zeros(3, 32, 32, 32)
+    atlas[0] = 1.0
+    atlas[:, 1:13, 1:13, 1:13] = torch.tensor([0.0, 1.0, 0.0])[:, None, None, None]
+    atlas[:, 28:30, 28:30, 28:30] = torch.tensor([0.0, 0.0, 1.0])[:, None, None, None]
+    rigid = dict(rotate=0.0, scale=0.0, translate=0.0, elastic=0.0, texture=0.0, volume_jitter=0.0, crop_size=[8, 8, 8],
+                 foreground_crop=1.0)
+    by_voxel = LayoutSampler(atlas, **rigid).sample(64, torch.Generator().manual_seed(0))
+    balanced = LayoutSampler(atlas, class_balanced_crops=True, **rigid)
+    by_class = balanced.sample(64, torch.Generator().manual_seed(0))
+    small_by_voxel = (by_voxel == 2).flatten(1).any(1).float().mean()
+    small_by_class = (by_class == 2).flatten(1).any(1).float().mean()
+    assert small_by_voxel < 0.1, small_by_voxel
+    assert 0.3 < small_by_class < 0.7, small_by_class
+    assert (by_class > 0).flatten(1).any(1).all(), "every class-balanced crop still holds a structure"
+    torch.testing.assert_close(balanced.sample(8, torch.Generator().manual_seed(5)), balanced.sample(8, torch.Generator().manual_seed(5)))
+
+
 def test_class_intensity_quantiles_are_published_without_atlas_noise_only():
     from monai_fedkd.site.atlas import INTENSITY_LEVELS, atlas_class_intensity
 

@@ -83,6 +83,11 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_student_cosine_lr_2e-3": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                            "student_lr_schedule": "cosine", "student_lr": 0.002,
                                            "site_options#policy": {"atlas_align": "foreground"}}),
+    # on top of weight 10: a centred crop picks its structure first, each alike, then a voxel of it (small structures
+    # such as the hippocampus are framed as often as the ventricles)
+    "layout_class_balanced_crops": ((), {"layout_options#foreground_crop": 2 / 3, "layout_options#class_balanced_crops": True,
+                                         "student_steps": 6, "weights#class_intensity": 10.0,
+                                         "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

@@ -128,11 +128,15 @@ class LayoutSampler:
             sites' own ``RandCropByPosNegLabeld`` samples their training patches; ``pos / (pos + neg)``), instead of
             placed uniformly. Uniform crops of a large field of view are mostly background, where the ensemble's
             answers teach the student little about the structures.
+        class_balanced_crops: a centred crop first draws one of the foreground classes present in its layout, each
+            alike, then a voxel of that class (as MONAI's ``RandCropByLabelClassesd`` with equal ratios), instead of a
+            voxel of any foreground class: small structures get as many crops as large ones.
     """
 
     def __init__(self, atlas: torch.Tensor, rotate: float = 10.0, scale: float = 0.1, translate: float = 0.05,
                  elastic: float = 0.03, elastic_grid: int = 4, texture: float = 0.3, volume_jitter: float = 0.2,
-                 crop_size: Sequence[int] | None = None, intensity: torch.Tensor | None = None, foreground_crop: float = 0.0) -> None:
+                 crop_size: Sequence[int] | None = None, intensity: torch.Tensor | None = None, foreground_crop: float = 0.0,
+                 class_balanced_crops: bool = False) -> None:
         if atlas.ndim not in (3, 4):
             raise ValueError(f"atlas must be (classes, H, W) or (classes, H, W, D), got {tuple(atlas.shape)}")
         for name, v in (("rotate", rotate), ("scale", scale), ("translate", translate), ("elastic", elastic), ("texture", texture)):
@@ -143,6 +147,7 @@ class LayoutSampler:
         if not 0 <= foreground_crop <= 1:
             raise ValueError(f"layout foreground_crop must be in [0, 1], got {foreground_crop}")
         self.foreground_crop = float(foreground_crop)
+        self.class_balanced_crops = bool(class_balanced_crops)
         self.atlas = atlas.float()
         self.num_classes, self.spatial_size = atlas.shape[0], list(atlas.shape[1:])
         self.spatial_dims = len(self.spatial_size)
@@ -184,8 +189,16 @@ class LayoutSampler:
         centred = float(torch.rand(1, generator=g)) < self.foreground_crop
         uniform = [int(torch.randint(s - c + 1, (1,), generator=g)) for s, c in zip(self.spatial_size, self.crop_size)]
         pick = float(torch.rand(1, generator=g))
+        # drawn only in class-balanced mode, so that the default's stream (and its published runs) stays as it was
+        pick_class = float(torch.rand(1, generator=g)) if self.class_balanced_crops else 0.0
         if not centred:
             return uniform
+        if self.class_balanced_crops:
+            present = layout.unique()
+            present = present[present > 0]
+            if len(present):
+                chosen = present[min(int(pick_class * len(present)), len(present) - 1)]
+                layout = torch.where(layout == chosen, layout, torch.zeros_like(layout))
         foreground = (layout > 0).nonzero()
         if len(foreground) == 0:
             return uniform
