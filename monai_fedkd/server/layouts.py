@@ -193,13 +193,12 @@ class LayoutSampler:
         pick_class = float(torch.rand(1, generator=g)) if self.class_balanced_crops else 0.0
         if not centred:
             return uniform
+        candidates = layout > 0
         if self.class_balanced_crops:
-            present = layout.unique()
-            present = present[present > 0]
+            present = layout[candidates].unique()
             if len(present):
-                chosen = present[min(int(pick_class * len(present)), len(present) - 1)]
-                layout = torch.where(layout == chosen, layout, torch.zeros_like(layout))
-        foreground = (layout > 0).nonzero()
+                candidates = layout == present[min(int(pick_class * len(present)), len(present) - 1)]
+        foreground = candidates.nonzero()
         if len(foreground) == 0:
             return uniform
         centre = foreground[min(int(pick * len(foreground)), len(foreground) - 1)].tolist()
