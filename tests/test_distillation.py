@@ -206,6 +206,8 @@ def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, class_intensity_options={"per_voxel": True})
     with pytest.raises(ValueError, match="student_dice_weight is for segmentation"):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, student_dice_weight=1.0)
+    with pytest.raises(ValueError, match="conditional_ce_class_balance is for segmentation"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, conditional_ce_class_balance=1.0)
 
 
 def test_cosine_student_lr_decays_with_progress_and_constant_stays(cls_sites, tmp_path):
@@ -475,7 +477,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
                         "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
                         "layout_options#class_balanced_crops": True, "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
-                        "class_intensity_options": {"per_sample": True}, "student_dice_weight": 0.5}))
+                        "class_intensity_options": {"per_sample": True}, "student_dice_weight": 0.5,
+                        "conditional_ce_class_balance": 1.0}))
     finally:
         for site_dir, _ in seg_sites:
             (Path(site_dir) / "site_policy.json").unlink()
@@ -489,7 +492,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
     assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
-    assert card["student_dice_weight"] == 0.5
+    assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
 
@@ -534,3 +537,33 @@ def test_segmentation_site_publishes_the_atlas_its_policy_allows(seg_sites):
     assert played.card["answer_policy"]["atlas_align"] == "centre" and played.card["answer_policy"]["atlas_pool"] == 2
     torch.testing.assert_close(atlas_tensor(played.card["atlas"], played.card["classes"]["num_classes"]).sum(0),
                                torch.ones(played.card["atlas"]["grid"]), atol=1e-3, rtol=0)
+
+
+def test_conditional_ce_class_balance_weights_the_layout_classes_by_the_cards_prior(seg_sites, tmp_path):
+    """conditional_ce_class_balance: the generator's conditional CE weights each layout class by the pooled voxel
+    prior from the cards' class counts (nothing else shared); the rarest structure weighs most, the default none."""
+    from monai_fedkd.losses import class_balance_weights
+    from monai_fedkd.networks.generators import LayoutGenerator
+
+    sites = [QuerySite(d, real_datalist=dl, seed=i, policy={"atlas_min_subjects": 1}) for i, (d, dl) in enumerate(seg_sites)]
+    spec = check_site_cards(InProcessTransport(sites).site_cards())
+
+    def distiller(out, **kw):
+        torch.manual_seed(0)
+        gen = LayoutGenerator(3, 1, [16, 16, 16], num_classes=spec["num_classes"], features=(4, 4, 8, 8, 8, 4))
+        student = build_network("UNet", spatial_dims=3, in_channels=1, out_channels=spec["num_classes"], channels=[8, 16], strides=[2])
+        return CentralDistillation(InProcessTransport(sites), gen, student, tmp_path / out, iterations=1, batch_size=2,
+                                   student_batch_size=2, student_steps=1, cache_size=4, weights={"layout_dice": 1.0},
+                                   ensemble_weighting="expertise", progress=False, **kw)
+
+    assert distiller("plain").terms["conditional_ce"].class_weights is None
+    d = distiller("balanced", conditional_ce_class_balance=1.0)
+    w, prior = d.terms["conditional_ce"].class_weights, d.class_prior
+    torch.testing.assert_close(w, class_balance_weights(prior, 1.0))
+    seen = prior > 0
+    assert int(torch.argmax(w)) == int(torch.argmin(torch.where(seen, prior, torch.inf))) and float(w[0]) < 1.0
+    d.run()  # one weighted generator step end to end
+    card = json.loads((tmp_path / "balanced" / "central_card.json").read_text())
+    assert card["conditional_ce_class_balance"] == 1.0 and card["iterations"] == 1
+    with pytest.raises(ValueError, match="conditional_ce_class_balance must be"):
+        distiller("bad", conditional_ce_class_balance=-0.5)

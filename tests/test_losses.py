@@ -20,6 +20,7 @@ from monai_fedkd.losses import (
     EntropyLoss,
     TotalVariationLoss,
     bn_statistics_loss,
+    class_balance_weights,
     class_prior_from_counts,
     ensemble_log_probabilities,
     ensemble_probabilities,
@@ -394,6 +395,44 @@ def test_conditional_ce_soft_targets():
     assert all(_finite(f.grad) and num(f.grad.abs().sum()) > 0 for f in sites)
     with pytest.raises(ValueError, match="soft target"):
         ConditionalCrossEntropyLoss()(log_p, torch.rand(5, 2))
+
+
+def test_class_balance_weights_keep_the_scale_and_rebalance_the_classes():
+    prior = torch.tensor([0.90, 0.08, 0.02, 0.0])
+    w = class_balance_weights(prior, power=1.0)
+    assert num((prior * w).sum()) == pytest.approx(1.0)  # the prior-weighted mean weight is 1: the loss keeps its scale
+    # power 1: every seen class carries the same total weight; a class never seen gets none
+    assert (prior[:3] * w[:3]).tolist() == pytest.approx([1 / 3] * 3) and num(w[3]) == 0.0
+    half = class_balance_weights(prior.tolist(), power=0.5)
+    assert num(half[2] / half[0]) == pytest.approx(math.sqrt(0.90 / 0.02))
+    assert class_balance_weights(prior, power=0.0)[:3].tolist() == pytest.approx([1.0] * 3)
+    for bad in ([0.5, -0.1], [0.0, 0.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="prior must be"):
+            class_balance_weights(bad)
+    with pytest.raises(ValueError, match="power must be"):
+        class_balance_weights(prior, power=-1.0)
+
+
+def test_conditional_ce_class_weights_are_a_weighted_mean_over_voxels():
+    seg = ensemble_log_probabilities([torch.randn(2, 3, 4, 5, 6, requires_grad=True) for _ in range(2)])
+    target = torch.randint(0, 3, (2, 4, 5, 6))
+    w = torch.tensor([0.2, 1.0, 5.0])
+    per_voxel = -seg.gather(1, target[:, None])[:, 0]
+    expected = (w[target] * per_voxel).sum() / w[target].sum()
+    assert num(ConditionalCrossEntropyLoss(class_weights=w)(seg, target)) == pytest.approx(num(expected), rel=1e-5)
+    # a class of weight 0 drops out: only the other classes' voxels count
+    only_fg = ConditionalCrossEntropyLoss(class_weights=[0.0, 1.0, 1.0])(seg, target)
+    assert num(only_fg) == pytest.approx(num(per_voxel[target > 0].mean()), rel=1e-5)
+    # soft (classification) targets: weighted by the target-weighted class weight, one-hot gives the hard value
+    log_p = ensemble_log_probabilities([torch.randn(5, 3) for _ in range(2)])
+    hard = torch.tensor([0, 2, 1, 1, 0])
+    weighted = ConditionalCrossEntropyLoss(class_weights=w)
+    assert num(weighted(log_p, F.one_hot(hard, 3).float())) == pytest.approx(num(F.nll_loss(log_p, hard, weight=w)), rel=1e-5)
+    with pytest.raises(ValueError, match="3 class_weights for 4 classes"):
+        weighted(ensemble_log_probabilities([torch.randn(2, 4, 3, 3)]), torch.zeros(2, 3, 3, dtype=torch.long))
+    for bad in ([1.0, -1.0], [0.0, 0.0], [float("inf"), 1.0]):
+        with pytest.raises(ValueError, match="class_weights must be"):
+            ConditionalCrossEntropyLoss(class_weights=bad)
 
 
 # --------------------------------------------------------------------------------------------- adversarial

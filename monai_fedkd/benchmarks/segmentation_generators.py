@@ -88,6 +88,12 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_class_balanced_crops": ((), {"layout_options#foreground_crop": 2 / 3, "layout_options#class_balanced_crops": True,
                                          "student_steps": 6, "weights#class_intensity": 10.0,
                                          "site_options#policy": {"atlas_align": "foreground"}}),
+    # on top of weight 10: the conditional CE weights each layout class by the inverse of its pooled voxel share
+    # (power 1) or its square root (0.5), so the generator's objective asks as much of the hippocampus as of the background
+    "layout_ce_class_balance_05": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                        "conditional_ce_class_balance": 0.5, "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_ce_class_balance_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                       "conditional_ce_class_balance": 1.0, "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

@@ -4,7 +4,7 @@ Modules:
 
 * :mod:`.ensemble` — expertise weights from class counts (:func:`site_weights`, :func:`withheld_sites`,
   :func:`contrast_counts` for sites that saw a class against the others),
-  pooled class prior (:func:`class_prior_from_counts`), class-share weighted ensemble
+  pooled class prior (:func:`class_prior_from_counts`) and per-class weights from it (:func:`class_balance_weights`), class-share weighted ensemble
   (:func:`ensemble_log_probabilities`, :func:`ensemble_probabilities`);
 * :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
   :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`LayoutDiceLoss`, :class:`AdversarialLoss`;
@@ -27,7 +27,7 @@ from .distillation import (
     entropy,
     generalized_js_divergence,
 )
-from .ensemble import ENSEMBLE_COMBINATIONS, class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
+from .ensemble import ENSEMBLE_COMBINATIONS, class_balance_weights, class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
 from .priors import BatchNormStatisticsLoss, ClassIntensityLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "LayoutDiceLoss",
     "TotalVariationLoss",
     "bn_statistics_loss",
+    "class_balance_weights",
     "class_prior_from_counts",
     "ENSEMBLE_COMBINATIONS",
     "ensemble_log_probabilities",

@@ -376,12 +376,24 @@ class ConditionalCrossEntropyLoss(nn.Module):
     cross-entropy ``-sum_c target_c log p_c`` (minimal, equal to the target's entropy, where the ensemble
     reproduces the target), which asks the generator for inputs *between* classes: the samples near the sites'
     decision boundary that rank cases for AUROC.
+
+    ``class_weights``: ``(N,)`` non-negative per-class weights (e.g. :func:`~monai_fedkd.losses.class_balance_weights`)
+    or ``None`` (every class alike). Each element's cross-entropy is weighted by its target class's weight (a soft
+    target's by the target-weighted mean), and ``"mean"`` divides by the summed weights of the targets, as
+    :func:`torch.nn.functional.nll_loss` does: in segmentation the voxels of a small structure then count as much
+    as the background's in the generator's objective.
     """
 
-    def __init__(self, weight: float = 1.0, reduction: str = "mean") -> None:
+    def __init__(self, weight: float = 1.0, reduction: str = "mean", class_weights: Sequence[float] | torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = check_weight(weight)
         self.reduction = check_reduction(reduction)
+        self.class_weights = None
+        if class_weights is not None:
+            w = torch.as_tensor(class_weights, dtype=torch.get_default_dtype()).flatten()
+            if w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"class_weights must be finite, non-negative and not all 0, got {w.tolist()}")
+            self.class_weights = w
 
     def forward(self, ensemble_log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_logits(ensemble_log_probs, "ensemble_log_probs")
@@ -390,7 +402,14 @@ class ConditionalCrossEntropyLoss(nn.Module):
         if ensemble_log_probs.ndim == 2 and target.ndim == 2 and target.is_floating_point():
             if target.shape != ensemble_log_probs.shape:
                 raise ValueError(f"soft target must have shape {tuple(ensemble_log_probs.shape)}, got {tuple(target.shape)}")
-            return self.weight * reduce(-(target.to(ensemble_log_probs.dtype) * ensemble_log_probs).sum(1), self.reduction)
+            target = target.to(ensemble_log_probs.dtype)
+            w = self._weights(ensemble_log_probs)
+            if w is None:
+                return self.weight * reduce(-(target * ensemble_log_probs).sum(1), self.reduction)
+            per_sample = -(target * w * ensemble_log_probs).sum(1)
+            if self.reduction != "mean":
+                return self.weight * reduce(per_sample, self.reduction)
+            return self.weight * per_sample.sum() / (target * w).sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
         if target.ndim == ensemble_log_probs.ndim and target.ndim > 2 and target.shape[1] == 1:
             target = target.squeeze(1)
         expected = (ensemble_log_probs.shape[0], *ensemble_log_probs.shape[2:])
@@ -398,7 +417,14 @@ class ConditionalCrossEntropyLoss(nn.Module):
             raise ValueError(f"target must have shape {expected} (or with a channel dim of 1), got {tuple(target.shape)}")
         if target.is_floating_point():
             target = target.round()
-        return self.weight * F.nll_loss(ensemble_log_probs, target.long(), reduction=self.reduction)
+        return self.weight * F.nll_loss(ensemble_log_probs, target.long(), weight=self._weights(ensemble_log_probs), reduction=self.reduction)
+
+    def _weights(self, log_probs: torch.Tensor) -> torch.Tensor | None:
+        if self.class_weights is None:
+            return None
+        if self.class_weights.numel() != log_probs.shape[1]:
+            raise ValueError(f"{self.class_weights.numel()} class_weights for {log_probs.shape[1]} classes")
+        return self.class_weights.to(dtype=log_probs.dtype, device=log_probs.device)
 
 
 class LayoutDiceLoss(nn.Module):

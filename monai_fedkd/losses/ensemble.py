@@ -20,6 +20,7 @@ __all__ = [
     "contrast_counts",
     "withheld_sites",
     "class_prior_from_counts",
+    "class_balance_weights",
     "ensemble_log_probabilities",
     "ensemble_probabilities",
 ]
@@ -122,6 +123,27 @@ def class_prior_from_counts(class_counts: Sequence[Sequence[float] | None], num_
     if float(total.sum()) <= 0:
         return torch.full((total.numel(),), 1.0 / total.numel())
     return (total / total.sum()).to(torch.get_default_dtype())
+
+
+def class_balance_weights(prior: Sequence[float] | torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Per-class weights ``w[c] ~ prior[c] ** -power`` that rebalance a loss averaged over voxels (or samples).
+
+    Scaled so that ``sum_c prior[c] w[c] = 1``: under the prior the weighted loss keeps its unweighted scale, while
+    a class at a hundredth of the background's frequency counts up to a hundred times as much per voxel (``power``
+    1; 0.5 the square root of that; 0 every class alike). A class of prior 0 gets weight 0 (it is never a target).
+    Returns ``(N,)`` (default dtype).
+    """
+    power = float(power)
+    if not math.isfinite(power) or power < 0:
+        raise ValueError(f"power must be a finite number >= 0, got {power}")
+    prior = torch.as_tensor(prior, dtype=torch.get_default_dtype()).flatten()
+    if prior.numel() == 0 or not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()) or float(prior.sum()) <= 0:
+        raise ValueError(f"prior must be non-negative, finite class frequencies with a positive sum, got {prior.tolist()}")
+    prior = prior / prior.sum()
+    seen = prior > 0
+    weights = torch.zeros_like(prior)
+    weights[seen] = prior[seen].pow(-power)
+    return weights / (prior * weights).sum()
 
 
 #: how :func:`ensemble_log_probabilities` combines the sites: a weighted mean of probabilities, or of log-probabilities

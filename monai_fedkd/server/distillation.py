@@ -44,6 +44,7 @@ from monai_fedkd.losses import (
     DiversityLoss,
     LayoutDiceLoss,
     TotalVariationLoss,
+    class_balance_weights,
     class_prior_from_counts,
     contrast_counts,
     ensemble_log_probabilities,
@@ -267,6 +268,10 @@ class CentralDistillation:
             nothing is released and the sites' compute is not spent on a generator that still paints intensities no
             scan has. They count against ``max_seconds``. Needs one of those weights above 0; a resumed run skips them
             (the checkpoint holds the generator). 0: none.
+        conditional_ce_class_balance: segmentation: weight the conditional CE per layout class by the pooled class
+            prior (from the cards' voxel counts) to this power, :func:`~monai_fedkd.losses.class_balance_weights`:
+            0 (default) every voxel alike, 1 inverse frequency (a structure's voxels count as much in total as the
+            background's), 0.5 in between. Nothing more is shared: the counts are already in the cards.
         class_intensity_options: keyword arguments of :class:`~monai_fedkd.losses.ClassIntensityLoss` besides its
             weight (``per_sample``, ``min_voxels``), for ``weights.class_intensity``.
         max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
@@ -312,6 +317,7 @@ class CentralDistillation:
         generator_iterations: int | None = None,
         prior_warmup_iterations: int = 0,
         class_intensity_options: Mapping | None = None,
+        conditional_ce_class_balance: float = 0.0,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -343,6 +349,10 @@ class CentralDistillation:
             raise ValueError(f"prior_warmup_iterations must be >= 0, got {prior_warmup_iterations}")
         self.prior_warmup_iterations = int(prior_warmup_iterations)
         self.stopped_by_budget = False
+        balance = float(conditional_ce_class_balance)
+        if not (math.isfinite(balance) and balance >= 0):
+            raise ValueError(f"conditional_ce_class_balance must be a finite number >= 0, got {conditional_ce_class_balance}")
+        self.conditional_ce_class_balance = balance
         if not 0.0 <= float(boundary_fraction) <= 1.0:
             raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
         self.boundary_fraction = float(boundary_fraction)
@@ -392,6 +402,11 @@ class CentralDistillation:
             "diversity": DiversityLoss(weight=self.weights["diversity"]),
             "layout_dice": LayoutDiceLoss(weight=self.weights["layout_dice"]),
         }
+        if self.conditional_ce_class_balance:
+            if self.task != "segmentation":
+                raise ValueError("conditional_ce_class_balance is for segmentation (layout classes of voxels); in classification "
+                                 f"the generator already draws its target labels uniformly, and these sites do {self.task}")
+            self._apply_class_prior()
         self.class_intensity_options = dict(class_intensity_options or {})
         unknown = set(self.class_intensity_options) - {"per_sample", "min_voxels"}
         if unknown:
@@ -464,8 +479,15 @@ class CentralDistillation:
     def _refresh_site_weights(self) -> None:
         """After the set of active sites changed: new expertise weights and (segmentation) class prior."""
         self._set_site_weights()
-        if self.class_prior is not None:
-            self.terms["balance"].prior = self.class_prior
+        self._apply_class_prior()
+
+    def _apply_class_prior(self) -> None:
+        """Hand the (segmentation) class prior to the terms that use it."""
+        if self.class_prior is None:
+            return
+        self.terms["balance"].prior = self.class_prior
+        if self.conditional_ce_class_balance:
+            self.terms["conditional_ce"].class_weights = class_balance_weights(self.class_prior, self.conditional_ce_class_balance)
 
     def _drop_site(self, site: str, reason: str, step: int, by_policy: bool = False) -> None:
         if not (self.drop_failed_sites or by_policy):
@@ -817,6 +839,7 @@ class CentralDistillation:
             "generator_iterations": self.generator_iterations,
             "prior_warmup_iterations": self.prior_warmup_iterations,
             "class_intensity_options": self.class_intensity_options,
+            "conditional_ce_class_balance": self.conditional_ce_class_balance,
             "student_transform": _describe(self.student_transform),
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
