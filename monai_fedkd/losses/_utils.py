@@ -30,6 +30,14 @@ def check_weight(weight: float) -> float:
     return weight
 
 
+def check_nonnegative_weights(values, name: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """``values`` as a flat, detached tensor; refuses an empty one, a non-finite or negative entry, or all zeros."""
+    t = torch.as_tensor(values, dtype=dtype or torch.get_default_dtype(), device=device).detach().reshape(-1)
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or float(t.sum()) <= 0:
+        raise ValueError(f"{name} must be finite, non-negative and not all zero, got {t.tolist()}")
+    return t
+
+
 def check_logits(x: torch.Tensor, name: str = "logits") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

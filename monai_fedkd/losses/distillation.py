@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import check_logits, check_reduction, check_temperature, check_weight, reduce, stack_sites, xlogx
+from ._utils import check_logits, check_nonnegative_weights, check_reduction, check_temperature, check_weight, reduce, stack_sites, xlogx
 
 __all__ = [
     "DistillationLoss",
@@ -167,8 +167,7 @@ def _site_priors(pi: Sequence[float] | torch.Tensor | None, k_sites: int, ref: t
     pi = torch.as_tensor(pi, dtype=ref.dtype, device=ref.device).detach().reshape(-1)
     if pi.numel() != k_sites:
         raise ValueError(f"site weights have {pi.numel()} entries for {k_sites} sites")
-    if not bool(torch.isfinite(pi).all()) or bool((pi < 0).any()) or float(pi.sum()) <= 0:
-        raise ValueError("site weights must be finite, non-negative and not all zero")
+    pi = check_nonnegative_weights(pi, "site weights", dtype=ref.dtype)
     return pi / pi.sum()
 
 
@@ -336,9 +335,7 @@ class BalanceLoss(nn.Module):
         if prior is None:
             self.register_buffer("prior", None)
         else:
-            p = torch.as_tensor(prior, dtype=torch.get_default_dtype()).detach().reshape(-1).clone()
-            if p.numel() == 0 or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or float(p.sum()) <= 0:
-                raise ValueError("prior must be non-negative, finite and not all zero")
+            p = check_nonnegative_weights(prior, "prior")
             self.register_buffer("prior", p / p.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,12 +385,7 @@ class ConditionalCrossEntropyLoss(nn.Module):
         super().__init__()
         self.weight = check_weight(weight)
         self.reduction = check_reduction(reduction)
-        self.class_weights = None
-        if class_weights is not None:
-            w = torch.as_tensor(class_weights, dtype=torch.get_default_dtype()).flatten()
-            if w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-                raise ValueError(f"class_weights must be finite, non-negative and not all 0, got {w.tolist()}")
-            self.class_weights = w
+        self.class_weights = None if class_weights is None else check_nonnegative_weights(class_weights, "class_weights")
 
     def forward(self, ensemble_log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_logits(ensemble_log_probs, "ensemble_log_probs")

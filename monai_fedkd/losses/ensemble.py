@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._utils import check_temperature, stack_sites
+from ._utils import check_nonnegative_weights, check_temperature, stack_sites
 
 __all__ = [
     "ENSEMBLE_COMBINATIONS",
@@ -136,9 +136,7 @@ def class_balance_weights(prior: Sequence[float] | torch.Tensor, power: float = 
     power = float(power)
     if not math.isfinite(power) or power < 0:
         raise ValueError(f"power must be a finite number >= 0, got {power}")
-    prior = torch.as_tensor(prior, dtype=torch.get_default_dtype()).flatten()
-    if prior.numel() == 0 or not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()) or float(prior.sum()) <= 0:
-        raise ValueError(f"prior must be non-negative, finite class frequencies with a positive sum, got {prior.tolist()}")
+    prior = check_nonnegative_weights(prior, "prior")
     prior = prior / prior.sum()
     seen = prior > 0
     weights = torch.zeros_like(prior)
