@@ -164,10 +164,9 @@ def _site_priors(pi: Sequence[float] | torch.Tensor | None, k_sites: int, ref: t
     """Site weights ``pi`` as a ``(K,)`` tensor on ``ref``'s device, normalised to sum to one."""
     if pi is None:
         return torch.full((k_sites,), 1.0 / k_sites, dtype=ref.dtype, device=ref.device)
-    pi = torch.as_tensor(pi, dtype=ref.dtype, device=ref.device).detach().reshape(-1)
+    pi = check_nonnegative_weights(pi, "site weights", dtype=ref.dtype, device=ref.device)
     if pi.numel() != k_sites:
         raise ValueError(f"site weights have {pi.numel()} entries for {k_sites} sites")
-    pi = check_nonnegative_weights(pi, "site weights", dtype=ref.dtype)
     return pi / pi.sum()
 
 
