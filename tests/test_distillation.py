@@ -176,6 +176,8 @@ def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, generator_iterations=-1)
     with pytest.raises(ValueError, match="class_intensity is for the layout-conditioned generator"):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, weights={"class_intensity": 1.0})
+    with pytest.raises(ValueError, match="class_gradient is for the layout-conditioned generator"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, weights={"class_gradient": 1.0})
 
 
 def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_path):
@@ -476,7 +478,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
                        {"sites": str(_sites_json(tmp_path / "sites.json", seg_sites)), "output_dir": str(out), "iterations": 2, "batch_size": 2,
                         "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4], "student_def#channels": [8, 16, 32],
                         "student_def#strides": [2, 2], "student_augment": True, "layout_options#foreground_crop": 1.0,
-                        "layout_options#class_balanced_crops": True, "generator_iterations": 1, "weights#class_intensity": 1.0, "prior_warmup_iterations": 2,
+                        "layout_options#class_balanced_crops": True, "generator_iterations": 1, "weights#class_intensity": 1.0, "weights#class_gradient": 1.0, "prior_warmup_iterations": 2,
                         "class_intensity_options": {"per_sample": True}, "student_dice_weight": 0.5,
                         "conditional_ce_class_balance": 1.0}))
     finally:
@@ -491,6 +493,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["layouts"]["options"]["foreground_crop"] == 1.0 and "RandBiasField" in card["student_transform"]
     assert card["generator_iterations"] == 1 and all(s["transport"]["vjps"] == 1 for s in card["sites"].values())
     assert card["layouts"]["class_intensity_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_intensity"] == 1.0
+    assert card["layouts"]["class_gradient_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_gradient"] == 1.0
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells

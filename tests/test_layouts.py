@@ -294,6 +294,89 @@ def test_class_intensity_quantiles_are_published_without_atlas_noise_only():
         atlas_class_intensity({"class_intensity": shared}, 4)
 
 
+def test_class_gradient_quantiles_follow_the_neighbour_differences_per_axis():
+    """Stripes along one axis show in that axis' differences only, and cancel in 2-voxel blocks; published beside
+    the intensity quantiles, under the same policy."""
+    from monai_fedkd.site.atlas import GRADIENT_SCALES, INTENSITY_LEVELS, atlas_class_gradient
+
+    acc = AtlasAccumulator(3, [12, 12, 8], value_range=(0.0, 2.0))
+    for lab in _cube_labels(3):
+        # class 1 alternates 0.2 / 1.0 along the first axis (stripes) and is constant along the others; the rest is 0
+        stripes = torch.tensor([0.2, 1.0]).repeat(6)[:, None, None].expand(lab.shape[1:])
+        acc.add(lab, torch.where(lab == 1, stripes[None], torch.zeros(lab.shape)))
+    shared = publish_atlas(acc, AnswerPolicy(atlas_min_subjects=1), [1.0, 1.0, 1.0])["class_gradient"]
+    assert shared["levels"] == list(INTENSITY_LEVELS) and shared["value_range"] == [0.0, 2.0] and shared["scales"] == list(GRADIENT_SCALES)
+    levels, q, scales = atlas_class_gradient({"class_gradient": shared}, 3, 3)
+    assert q.shape == (len(GRADIENT_SCALES), 3, 1, 3, len(INTENSITY_LEVELS)) and scales == [1, 2]
+    assert abs(float(q[0, 0, 0, 1, 7]) - 0.8) <= 2 * 2 / 256, "along the stripes' axis class 1's median difference is the stripe"
+    assert float(q[0, 1, 0, 1, 7]) < 0.02 and float(q[0, 2, 0, 1, 7]) < 0.02, "along the other axes class 1 is constant"
+    assert float(q[0, :, 0, 0, 7].max()) < 0.02, "the constant background's differences are 0"
+    # in 2-voxel blocks the stripes average out: inside the cube the blocks along the stripes' axis are alike
+    assert float(q[1, 0, 0, 1, 3]) < 0.02
+    assert publish_atlas(acc, AnswerPolicy(atlas_min_subjects=1, atlas_noise=0.01), [1.0, 1.0, 1.0])["class_gradient"] is None
+    with pytest.raises(ValueError, match="class_gradient quantiles are"):
+        atlas_class_gradient({"class_gradient": shared}, 3, 2)
+    with pytest.raises(ValueError, match="class_gradient is malformed"):
+        atlas_class_gradient({"class_gradient": {k: v for k, v in shared.items() if k != "scales"}}, 3, 3)
+    # a single-slice volume: no differences along its thin axis, and it is not pooled there
+    thin = AtlasAccumulator(2, [8, 8, 1], value_range=(0.0, 1.0))
+    thin.add(torch.zeros(1, 8, 8, 1, dtype=torch.long), torch.rand(1, 8, 8, 1))
+    assert all(r is None for r in [thin.class_gradient_quantiles()[s][2][0][0] for s in range(2)])
+    assert thin.class_gradient_quantiles()[1][0][0][0] is not None
+
+
+def test_combined_class_gradient_averages_per_axis_by_subjects():
+    from monai_fedkd.server.layouts import combined_class_gradient
+
+    levels = [0.1, 0.5, 0.9]
+    a = {"subjects": 1, "class_gradient": {"levels": levels, "scales": [1], "quantiles": [[[[[0.0, 0.1, 0.2], None]], [[[0.2, 0.2, 0.2], None]]]]}}
+    b = {"subjects": 1, "class_gradient": {"levels": levels, "scales": [1], "quantiles": [[[[[0.2, 0.3, 0.4], [0.1, 0.2, 0.3]]], [[[0.0, 0.0, 0.0], None]]]]}}
+    lv, q, scales = combined_class_gradient({"a": a, "b": b, "none": {"subjects": 9}}, 2, 2)
+    assert q.shape == (1, 2, 1, 2, 3) and scales == [1]
+    torch.testing.assert_close(q[0, 0, 0, 0], torch.tensor([0.1, 0.2, 0.3]))
+    torch.testing.assert_close(q[0, 0, 0, 1], torch.tensor([0.1, 0.2, 0.3]))  # only b reports class 1 along axis 0
+    assert not torch.isfinite(q[0, 1, 0, 1]).any(), "no site reports class 1 along axis 1"
+    with pytest.raises(ValueError, match="site 'a'.*class_gradient quantiles are"):
+        combined_class_gradient({"a": a, "b": b}, 2, 3)
+    b["class_gradient"]["scales"] = [2]
+    with pytest.raises(ValueError, match="site 'b'.*scales"):
+        combined_class_gradient({"a": a, "b": b}, 2, 2)
+
+
+def test_class_gradient_loss_charges_stripes_along_their_axis_and_noise_at_the_coarse_scale():
+    from monai_fedkd.losses import ClassGradientLoss
+
+    levels = torch.linspace(0.01, 0.99, 15)
+    # one class; real scans: differences ~ U(0, 0.1) along every axis, at one scale
+    quantiles = (0.1 * levels)[None, None, None, None].expand(1, 3, 1, 1, -1)
+    loss = ClassGradientLoss(levels, quantiles, weight=1.0)
+    layout = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+    smooth = torch.full((2, 1, 16, 16, 16), 0.5)
+    assert abs(float(loss(smooth, layout)) - 0.05) < 0.01, "a flat image lacks the sites' contrast: half the mean difference"
+    stripes = (smooth + 0.3 * (torch.arange(16) % 2).float()[:, None, None]).requires_grad_(True)  # along the first axis
+    value = loss(stripes, layout)
+    # along axis 0 every difference is 0.3 (0.25 above the target's mean), along the others 0 (0.05 below)
+    assert abs(float(value.detach()) - (0.25 + 0.05 + 0.05) / 3) < 0.01
+    value.backward()
+    assert float(stripes.grad.abs().sum()) > 0
+    # white noise whose voxel differences match a target with contrast at both scales still pays at the coarse one
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 1, 16, 16, 16, generator=g)
+    fine = (noise.diff(dim=2).abs().flatten().quantile(levels)).clamp_min(0)
+    two = ClassGradientLoss(levels, fine[None, None, None, None].expand(2, 3, 1, 1, -1), scales=(1, 2))
+    voxels_only = ClassGradientLoss(levels, fine[None, None, None, None].expand(1, 3, 1, 1, -1))
+    assert float(voxels_only(noise, layout)) < 0.01
+    assert float(two(noise, layout)) > 0.05, "2-voxel blocks of noise lose most of their contrast"
+    # a single slice has no neighbours along its axis: that axis is left out, not an error
+    assert torch.isfinite(loss(smooth[:, :, :1], layout[:, :1]))
+    with pytest.raises(ValueError, match="must not be negative"):
+        ClassGradientLoss(levels, quantiles - 1.0)
+    with pytest.raises(ValueError, match="quantiles must be"):
+        ClassGradientLoss(levels, quantiles, scales=(1, 2))
+    with pytest.raises(ValueError, match=r"x must be \(B, channels, 3 spatial dims"):
+        loss(torch.rand(2, 1, 16, 16), layout[:, 0])
+
+
 def test_combined_class_intensity_averages_the_quantile_functions_by_subjects():
     from monai_fedkd.server.layouts import combined_class_intensity
 

@@ -94,6 +94,9 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
                                         "conditional_ce_class_balance": 0.5, "site_options#policy": {"atlas_align": "foreground"}}),
     "layout_ce_class_balance_1": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                        "conditional_ce_class_balance": 1.0, "site_options#policy": {"atlas_align": "foreground"}}),
+    # the class intensity default plus the neighbour-difference prior per axis (local contrast; against stripes and blobs)
+    "layout_class_gradient_10": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                      "weights#class_gradient": 10.0, "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

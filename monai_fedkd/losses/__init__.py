@@ -9,6 +9,7 @@ Modules:
 * :mod:`.distillation` — :class:`DistillationLoss`, :class:`ConsensusLoss`, :class:`EntropyLoss`,
   :class:`BalanceLoss`, :class:`ConditionalCrossEntropyLoss`, :class:`LayoutDiceLoss`, :class:`AdversarialLoss`;
 * :mod:`.priors` — priors on x: :class:`TotalVariationLoss`, :class:`DiversityLoss`, :class:`BatchNormStatisticsLoss`,
+  :class:`ClassIntensityLoss` and :class:`ClassGradientLoss` (the sites' per-class statistics, segmentation layouts),
   :func:`bn_statistics_loss`, :func:`has_batchnorm`.
 
 Conventions: logits ``(B, N)`` or ``(B, N, *spatial)`` with classes on dim 1; per-sample/voxel values are
@@ -28,12 +29,22 @@ from .distillation import (
     generalized_js_divergence,
 )
 from .ensemble import ENSEMBLE_COMBINATIONS, class_balance_weights, class_prior_from_counts, contrast_counts, ensemble_log_probabilities, ensemble_probabilities, site_weights, withheld_sites
-from .priors import BatchNormStatisticsLoss, ClassIntensityLoss, DiversityLoss, TotalVariationLoss, bn_statistics_loss, has_batchnorm
+from .priors import (
+    BatchNormStatisticsLoss,
+    ClassGradientLoss,
+    ClassIntensityLoss,
+    DiversityLoss,
+    TotalVariationLoss,
+    bn_statistics_loss,
+    has_batchnorm,
+    neighbour_differences,
+)
 
 __all__ = [
     "AdversarialLoss",
     "BalanceLoss",
     "BatchNormStatisticsLoss",
+    "ClassGradientLoss",
     "ClassIntensityLoss",
     "ConditionalCrossEntropyLoss",
     "ConsensusLoss",
@@ -51,6 +62,7 @@ __all__ = [
     "entropy",
     "generalized_js_divergence",
     "has_batchnorm",
+    "neighbour_differences",
     "site_weights",
     "contrast_counts",
     "withheld_sites",

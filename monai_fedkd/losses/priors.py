@@ -6,12 +6,13 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._utils import check_reduction, check_weight
 
-__all__ = ["TotalVariationLoss", "DiversityLoss", "BatchNormStatisticsLoss", "ClassIntensityLoss", "bn_statistics_loss", "has_batchnorm"]
+__all__ = ["TotalVariationLoss", "DiversityLoss", "BatchNormStatisticsLoss", "ClassIntensityLoss", "ClassGradientLoss", "neighbour_differences", "bn_statistics_loss", "has_batchnorm"]
 
 
 class TotalVariationLoss(nn.Module):
@@ -260,6 +261,80 @@ class ClassIntensityLoss(nn.Module):
                         continue
                     values = xs[:, h][mask].sort().values
                     terms.append((values - _interpolate(ranks, levels, quantiles[h, c])).abs().mean())
+        if not terms:
+            return x.new_zeros(())
+        return self.weight * torch.stack(terms).mean()
+
+
+def neighbour_differences(x: torch.Tensor, layout: torch.Tensor, scale: int = 1) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per spatial axis, ``(|x[i + 1] - x[i]|, layout[i])`` of ``x`` ``(B, C, *spatial)`` averaged over blocks of
+    ``scale`` voxels per axis (an axis shorter than ``2 * scale`` is not pooled), with ``layout`` ``(B, *spatial)``
+    read at each block's first voxel and at each pair's first block; ``None`` for an axis of fewer than two blocks.
+    The site computes its published statistics and the server its loss with this one function."""
+    dims = x.ndim - 2
+    kernel = [int(scale) if n >= 2 * int(scale) else 1 for n in x.shape[2:]]
+    if any(k > 1 for k in kernel):
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+        x = pool(x, kernel)
+        layout = layout[(slice(None), *[slice(0, n * k, k) for n, k in zip(x.shape[2:], kernel)])]
+    out = []
+    for d in range(dims):
+        n = x.shape[d + 2]
+        if n < 2:
+            out.append(None)
+            continue
+        out.append(((x.narrow(d + 2, 1, n - 1) - x.narrow(d + 2, 0, n - 1)).abs(), layout.narrow(d + 1, 0, n - 1)))
+    return out
+
+
+class ClassGradientLoss(nn.Module):
+    """:class:`ClassIntensityLoss` on the absolute differences between neighbouring voxels, per spatial axis and scale.
+
+    ``forward(x, layout)``: at every scale ``s`` and along every spatial axis ``d``, the differences
+    :func:`neighbour_differences` gives are compared, per channel and by the layout class of each pair's first voxel,
+    with the target quantile function ``quantiles[s, d]``; the value is the mean over scales and axes, times
+    ``weight``. An axis with fewer than two blocks is left out.
+
+    The class intensity term fixes what intensities each structure has, not how they vary: a smooth blob and a patch
+    of stripes can both match it. This term holds each structure's local contrast (edges, texture) to the sites' per
+    axis, so stripes along one axis and featureless blobs both pay. The coarser scales keep voxel noise from passing
+    for contrast: averaging blocks of noise cancels it, while real edges survive.
+
+    Args:
+        levels: ``(L,)`` increasing probabilities in ``[0, 1]``.
+        quantiles: ``(scales, spatial_dims, channels, classes, L)`` target quantiles of the absolute differences.
+        scales: the block size of each scale (``1``: voxels).
+        weight / min_voxels / per_sample: as :class:`ClassIntensityLoss`.
+    """
+
+    def __init__(self, levels, quantiles, scales=(1,), weight: float = 1.0, min_voxels: int = 16, per_sample: bool = False) -> None:
+        super().__init__()
+        self.weight = check_weight(weight)
+        quantiles = torch.as_tensor(quantiles, dtype=torch.float32)
+        self.scales = [int(v) for v in scales]
+        if quantiles.ndim != 5 or quantiles.shape[0] != len(self.scales) or quantiles.shape[1] not in (1, 2, 3):
+            raise ValueError(f"quantiles must be (scales {len(self.scales)}, spatial_dims, channels, classes, L), got {tuple(quantiles.shape)}")
+        if not self.scales or min(self.scales) < 1:
+            raise ValueError(f"scales must be block sizes >= 1, got {self.scales}")
+        known = torch.isfinite(quantiles)
+        if bool((quantiles[known] < 0).any()):
+            raise ValueError("quantiles of absolute differences must not be negative")
+        self.dims = quantiles.shape[1]
+        self.terms = nn.ModuleList(ClassIntensityLoss(levels, q, 1.0, min_voxels, per_sample) for per_scale in quantiles for q in per_scale)
+
+    def forward(self, x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.dims + 2:
+            raise ValueError(f"x must be (B, channels, {self.dims} spatial dims), got {tuple(x.shape)}")
+        layout = torch.as_tensor(layout, device=x.device)
+        if layout.ndim == x.ndim:
+            layout = layout[:, 0]
+        if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
+        terms = []
+        for i, scale in enumerate(self.scales):
+            for d, pair in enumerate(neighbour_differences(x, layout, scale)):
+                if pair is not None:
+                    terms.append(self.terms[i * self.dims + d](*pair))
         if not terms:
             return x.new_zeros(())
         return self.weight * torch.stack(terms).mean()

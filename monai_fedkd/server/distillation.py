@@ -37,6 +37,7 @@ from monai_fedkd.losses import (
     ENSEMBLE_COMBINATIONS,
     AdversarialLoss,
     BalanceLoss,
+    ClassGradientLoss,
     ClassIntensityLoss,
     ConditionalCrossEntropyLoss,
     ConsensusLoss,
@@ -51,7 +52,7 @@ from monai_fedkd.losses import (
     site_weights,
 )
 from monai_fedkd.networks import network_definition
-from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_class_intensity, combined_intensity
+from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_class_gradient, combined_class_intensity, combined_intensity
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
 from monai_fedkd.transport.base import QueryBudgetExhausted, QueryRequest, SiteAnswerError, Transport
@@ -79,6 +80,7 @@ DEFAULT_WEIGHTS = {
     "pseudo_label": 0.0,     # ensemble confident in its own argmax (DENSE's cross-entropy; for unconditional generators)
     "layout_dice": 0.0,      # ensemble's soft Dice to the layout a layout-conditioned generator painted (segmentation)
     "class_intensity": 0.0,  # each painted structure's intensities follow the sites' quantiles for its class (segmentation)
+    "class_gradient": 0.0,   # ... and its neighbour differences per axis follow the sites' (local contrast; segmentation)
 }
 SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
 
@@ -264,7 +266,7 @@ class CentralDistillation:
             plateaus after a few hundred steps) this spends the budget on the student: a forward-only query costs
             the sites about a third of a query with its VJP, and releases no gradient. ``None``: every iteration.
         prior_warmup_iterations: before the first query, this many generator updates on the server's image priors
-            alone (``class_intensity``, ``tv``, ``diversity``; with their own optimizer state). No site is asked, so
+            alone (``class_intensity``, ``class_gradient``, ``tv``, ``diversity``; with their own optimizer state). No site is asked, so
             nothing is released and the sites' compute is not spent on a generator that still paints intensities no
             scan has. They count against ``max_seconds``. Needs one of those weights above 0; a resumed run skips them
             (the checkpoint holds the generator). 0: none.
@@ -273,7 +275,7 @@ class CentralDistillation:
             0 (default) every voxel alike, 1 inverse frequency (a structure's voxels count as much in total as the
             background's), 0.5 in between. Nothing more is shared: the counts are already in the cards.
         class_intensity_options: keyword arguments of :class:`~monai_fedkd.losses.ClassIntensityLoss` besides its
-            weight (``per_sample``, ``min_voxels``), for ``weights.class_intensity``.
+            weight (``per_sample``, ``min_voxels``), for ``weights.class_intensity`` and ``weights.class_gradient``.
         max_seconds: a wall-time budget: the run stops after the first step that ends past it and writes its model
             as after ``iterations`` (the card records the steps done). ``None``: no budget. A resumed run counts
             from its restart.
@@ -411,21 +413,25 @@ class CentralDistillation:
         unknown = set(self.class_intensity_options) - {"per_sample", "min_voxels"}
         if unknown:
             raise ValueError(f"unknown class_intensity_options {sorted(unknown)}; known: ['min_voxels', 'per_sample']")
-        if self.weights["class_intensity"]:
+        for term, loss_class, what in (("class_intensity", ClassIntensityLoss, "intensities"), ("class_gradient", ClassGradientLoss, "neighbour differences")):
+            if not self.weights[term]:
+                continue
             if self.layouts is None:
-                raise ValueError("weights.class_intensity is for the layout-conditioned generator (segmentation): it compares "
-                                 "each layout class's synthetic intensities with the sites' quantiles")
-            if self.class_intensity is None:
-                raise ValueError(f"weights.class_intensity needs class intensity quantiles, and none of the sites {self.atlas_sites} "
-                                 "that share an atlas shares them (a policy with atlas_noise > 0, or inputs without a value_range)")
-            levels, quantiles = self.class_intensity
-            if quantiles.shape[0] != self.generator.out_channels:
-                raise ValueError(f"the sites' class intensity quantiles have {quantiles.shape[0]} channels, the generator paints {self.generator.out_channels}")
-            self.terms["class_intensity"] = ClassIntensityLoss(levels, quantiles, weight=self.weights["class_intensity"],
-                                                               **self.class_intensity_options).to(self.device)
-        if self.prior_warmup_iterations and not any(self.weights[k] for k in ("class_intensity", "tv", "diversity")):
+                raise ValueError(f"weights.{term} is for the layout-conditioned generator (segmentation): it compares each layout "
+                                 f"class's synthetic {what} with the sites' quantiles")
+            shared = getattr(self, term)
+            if shared is None:
+                raise ValueError(f"weights.{term} needs the sites' class {what} quantiles, and none of the sites {self.atlas_sites} "
+                                 "that share an atlas shares them (a policy with atlas_noise > 0, inputs without a value_range, "
+                                 "or sites whose monai_fedkd predates them)")
+            channels = shared[1].shape[-3]
+            if channels != self.generator.out_channels:
+                raise ValueError(f"the sites' class {what} quantiles have {channels} channels, the generator paints {self.generator.out_channels}")
+            extra = {"scales": shared[2]} if term == "class_gradient" else {}
+            self.terms[term] = loss_class(*shared[:2], weight=self.weights[term], **extra, **self.class_intensity_options).to(self.device)
+        if self.prior_warmup_iterations and not any(self.weights[k] for k in ("class_intensity", "class_gradient", "tv", "diversity")):
             raise ValueError("prior_warmup_iterations trains the generator on the server's image priors alone, and all of their "
-                             "weights (class_intensity, tv, diversity) are 0")
+                             "weights (class_intensity, class_gradient, tv, diversity) are 0")
         if student_transform is not None and not callable(student_transform):
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
@@ -447,6 +453,7 @@ class CentralDistillation:
         shared = {n: self.cards[n]["atlas"] for n in self.atlas_sites}
         atlas, intensity = combined_atlas(shared, self.num_classes, frame), combined_intensity(shared, frame)
         self.class_intensity = combined_class_intensity(shared, self.num_classes)
+        self.class_gradient = combined_class_gradient(shared, self.num_classes, len(frame))
         self.layout_options = dict(options or {})
         crop = [int(c) for c in self.generator.spatial_size]
         if any(c > int(f) for c, f in zip(crop, frame)):
@@ -644,8 +651,9 @@ class CentralDistillation:
         """The server's priors on the synthetic inputs themselves (no site involved)."""
         # layouts differ per sample anyway: diversity compares all pairs then
         terms = {"tv": self.terms["tv"](x), "diversity": self.terms["diversity"](x, z, None if self.layouts is not None else _hard(labels))}
-        if "class_intensity" in self.terms:
-            terms["class_intensity"] = self.terms["class_intensity"](x, labels)
+        for term in ("class_intensity", "class_gradient"):
+            if term in self.terms:
+                terms[term] = self.terms[term](x, labels)
         return terms
 
     def _prior_warmup(self) -> None:
@@ -852,6 +860,7 @@ class CentralDistillation:
             "layouts": None if self.layouts is None else {
                 "atlas_sites": self.atlas_sites, "options": self.layout_options,
                 "class_intensity_sites": sorted(n for n in self.atlas_sites if self.cards[n]["atlas"].get("class_intensity")),
+                "class_gradient_sites": sorted(n for n in self.atlas_sites if self.cards[n]["atlas"].get("class_gradient")),
                 "atlas": {n: {k: v for k, v in self.cards[n]["atlas"].items() if k != "probabilities"} for n in self.atlas_sites}},
             "expertise_weights": {n: self.expertise[i].tolist() for i, n in enumerate(self.active_sites)},
             "timing": dict(self.timing),

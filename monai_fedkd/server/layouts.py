@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_fedkd.site.atlas import atlas_class_intensity, atlas_intensity, atlas_tensor
+from monai_fedkd.site.atlas import atlas_class_gradient, atlas_class_intensity, atlas_intensity, atlas_tensor
 
-__all__ = ["LayoutSampler", "combined_atlas", "combined_class_intensity", "combined_intensity", "normalised_atlas", "upsampled_atlas"]
+__all__ = ["LayoutSampler", "combined_atlas", "combined_class_gradient", "combined_class_intensity", "combined_intensity", "normalised_atlas", "upsampled_atlas"]
 
 
 def combined_atlas(atlases: Mapping[str, Mapping], num_classes: int, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -85,19 +85,44 @@ def combined_class_intensity(atlases: Mapping[str, Mapping], num_classes: int) -
     """``(levels, quantiles (channels, num_classes, L))``: the sites' class intensity quantiles averaged, weighted by
     their subjects, over the sites that report each class. Averaging quantile functions gives the distribution
     closest to every site's in the 1D Wasserstein sense (their barycenter). ``None`` when no site shares them."""
+    return _quantile_barycenter(atlases, lambda atlas: atlas_class_intensity(atlas, num_classes), "class intensity")
+
+
+def combined_class_gradient(atlases: Mapping[str, Mapping], num_classes: int, spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """``(levels, quantiles (scales, spatial_dims, channels, num_classes, L), scales)``: the sites' quantiles of
+    neighbour differences per scale, axis and class, combined as :func:`combined_class_intensity` combines
+    intensities. ``None`` when no site shares them."""
+    scales = {}
+
+    def read(atlas):
+        shared = atlas_class_gradient(atlas, num_classes, spatial_dims)
+        if shared is None:
+            return None
+        scales.setdefault("first", shared[2])
+        if shared[2] != scales["first"]:
+            raise ValueError(f"class gradient quantiles at scales {shared[2]}, another site's are at {scales['first']}")
+        return shared[:2]
+
+    combined = _quantile_barycenter(atlases, read, "class gradient")
+    return None if combined is None else (*combined, scales["first"])
+
+
+def _quantile_barycenter(atlases: Mapping[str, Mapping], read, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Subject-weighted mean of the quantile rows ``read(atlas)`` returns (``(levels, (..., L))`` or ``None``), per row
+    over the sites that report it (a NaN row is a class a site has no voxels of)."""
     total, weight, levels = None, None, None
     for name, atlas in atlases.items():
         try:
-            shared = atlas_class_intensity(atlas, num_classes)
+            shared = read(atlas)
         except ValueError as e:
             raise ValueError(f"site '{name}': {e}") from None
         if shared is None:
             continue
         lv, q = shared
         if levels is None:
-            levels, total, weight = lv, torch.zeros_like(q), torch.zeros(q.shape[:2])
+            levels, total, weight = lv, torch.zeros_like(q), torch.zeros(q.shape[:-1])
         if not torch.equal(lv, levels) or q.shape != total.shape:
-            raise ValueError(f"site '{name}' shares class intensity quantiles at other levels or channels than the first site's")
+            raise ValueError(f"site '{name}' shares {what} quantiles at other levels or of another shape than the first site's")
         n = float(atlas.get("subjects") or 1)
         known = torch.isfinite(q).all(-1)
         total[known] += n * q[known]

@@ -19,13 +19,18 @@ label maps, in the frame of its network's input:
 4. per channel and class, the quantiles of the intensities of all the subjects' voxels of that class (from a
    histogram of ``INTENSITY_BINS`` bins over the input value range, at ``INTENSITY_LEVELS``): published only by a
    policy that adds no atlas noise, since no noise mechanism covers them. They let the server keep each synthetic
-   structure's intensities where the sites' are (:class:`~monai_fedkd.losses.ClassIntensityLoss`);
+   structure's intensities where the sites' are (:class:`~monai_fedkd.losses.ClassIntensityLoss`); likewise, per
+   spatial axis and at the block sizes ``GRADIENT_SCALES``, the quantiles of the absolute difference between
+   neighbouring voxels (blocks) along that axis, by the class of each pair's first voxel (the local contrast of each
+   structure and its boundary: what a smooth blob lacks and what stripes along one axis exceed;
+   :class:`~monai_fedkd.losses.ClassGradientLoss`);
 5. averaged over blocks of ``atlas_pool`` voxels per axis (``adaptive_avg_pool`` to ``ceil(size / pool)``), and,
    when the policy says so, Gaussian noise of ``atlas_noise`` added per cell before the class distribution of every
    cell is renormalised.
 
 What it reveals: the site's average anatomy and average image at ``atlas_pool x spacing`` resolution, its class
-volumes, and (without atlas noise) the intensity distribution of each class pooled over all its subjects. One
+volumes, and (without atlas noise) the intensity distribution of each class pooled over all its subjects, and the
+distribution of its neighbour differences per axis (a pooled texture statistic, no voxel's position). One
 subject moves each cell's class distribution by at most ``2 / n`` in L1 (``n`` subjects), so over ``G`` cells the
 replace-one L2 sensitivity is ``sqrt(2 G) / n``; with noise the release is a Gaussian mechanism whose epsilon the card
 reports. A site with fewer than ``atlas_min_subjects`` training subjects publishes none.
@@ -40,14 +45,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_fedkd.losses import neighbour_differences
 from monai_fedkd.site.policy import ATLAS_ALIGNMENTS, AnswerPolicy, gaussian_epsilon
 
-__all__ = ["INTENSITY_BINS", "INTENSITY_LEVELS", "AtlasAccumulator", "atlas_class_intensity", "atlas_intensity", "atlas_tensor", "pool_cells", "preprocessed_subjects", "publish_atlas"]
+__all__ = ["GRADIENT_SCALES", "INTENSITY_BINS", "INTENSITY_LEVELS", "AtlasAccumulator", "atlas_class_gradient", "atlas_class_intensity", "atlas_intensity", "atlas_tensor", "pool_cells", "preprocessed_subjects", "publish_atlas"]
 
 logger = logging.getLogger(__name__)
 
 INTENSITY_BINS = 256
 INTENSITY_LEVELS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99)
+GRADIENT_SCALES = (1, 2)  # block sizes of the neighbour differences: voxels, and 2-voxel blocks (where noise cancels)
 
 
 class AtlasAccumulator:
@@ -64,6 +71,8 @@ class AtlasAccumulator:
         # class intensity histograms need a bounded input range (the card's value_range); without one, none
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.histogram: torch.Tensor | None = None  # (channels, classes, INTENSITY_BINS) voxel counts
+        # (scales, axes, channels, classes, INTENSITY_BINS) counts of |neighbour difference| over [0, high - low]
+        self.gradient_histogram: torch.Tensor | None = None
         self.num_classes, self.min_size = int(num_classes), [int(s) for s in spatial_size]
         self.spatial_size = list(self.min_size)  # the frame: set by the first subject
         self.total: torch.Tensor | None = None
@@ -108,18 +117,22 @@ class AtlasAccumulator:
         self.subjects += 1
 
     def _add_histogram(self, label: torch.Tensor, image: torch.Tensor) -> None:
-        """Voxel counts per channel, class and intensity bin of one whole subject (not only its atlas frame)."""
+        """Voxel counts per channel, class and intensity bin of one whole subject (not only its atlas frame), and per
+        axis the counts of its neighbour differences by the class of each pair's first voxel."""
         if label.min() < 0 or label.max() >= self.num_classes:
             raise ValueError(f"atlas: label values {int(label.min())}..{int(label.max())} outside [0, {self.num_classes})")
         lo, hi = self.value_range
+        channels, dims = image.shape[0], label.ndim
         if self.histogram is None:
-            self.histogram = torch.zeros((image.shape[0], self.num_classes, INTENSITY_BINS), dtype=torch.float64)
-        if image.shape[0] != self.histogram.shape[0]:
-            raise ValueError(f"atlas: a subject with {image.shape[0]} channels after subjects with {self.histogram.shape[0]}")
-        bins = ((image - lo) / (hi - lo) * INTENSITY_BINS).floor().clamp(0, INTENSITY_BINS - 1).long()
-        for h in range(image.shape[0]):
-            key = label.flatten() * INTENSITY_BINS + bins[h].flatten()
-            self.histogram[h] += torch.bincount(key, minlength=self.num_classes * INTENSITY_BINS).view(self.num_classes, INTENSITY_BINS).double()
+            self.histogram = torch.zeros((channels, self.num_classes, INTENSITY_BINS), dtype=torch.float64)
+            self.gradient_histogram = torch.zeros((len(GRADIENT_SCALES), dims, channels, self.num_classes, INTENSITY_BINS), dtype=torch.float64)
+        if channels != self.histogram.shape[0]:
+            raise ValueError(f"atlas: a subject with {channels} channels after subjects with {self.histogram.shape[0]}")
+        self.histogram += _class_histogram(label, image - lo, hi - lo, self.num_classes)
+        for i, scale in enumerate(GRADIENT_SCALES):
+            for d, pair in enumerate(neighbour_differences(image[None], label[None], scale)):
+                if pair is not None:  # a single slice has no neighbours along its axis
+                    self.gradient_histogram[i, d] += _class_histogram(pair[1][0], pair[0][0], hi - lo, self.num_classes)
 
     def class_quantiles(self) -> list | None:
         """``(channels, classes, len(INTENSITY_LEVELS))`` quantiles (nested lists; ``None`` for a class without voxels),
@@ -127,23 +140,16 @@ class AtlasAccumulator:
         if self.histogram is None:
             return None
         lo, hi = self.value_range
-        width = (hi - lo) / INTENSITY_BINS
-        levels = torch.tensor(INTENSITY_LEVELS, dtype=torch.float64)
-        out = []
-        for per_class in self.histogram:
-            rows = []
-            for counts in per_class:
-                total = float(counts.sum())
-                if total <= 0:
-                    rows.append(None)
-                    continue
-                cdf = counts.cumsum(0) / total
-                b = torch.searchsorted(cdf, levels).clamp(max=INTENSITY_BINS - 1)  # first bin whose cdf reaches the level
-                below = torch.where(b > 0, cdf[(b - 1).clamp(min=0)], torch.zeros_like(levels))
-                frac = ((levels - below) / (cdf[b] - below).clamp_min(1e-12)).clamp(0, 1)
-                rows.append([round(float(v), 4) for v in lo + (b.double() + frac) * width])
-            out.append(rows)
-        return out
+        return [[_quantiles(counts, lo, hi) for counts in per_class] for per_class in self.histogram]
+
+    def class_gradient_quantiles(self) -> list | None:
+        """``(len(GRADIENT_SCALES), axes, channels, classes, len(INTENSITY_LEVELS))`` quantiles of the absolute
+        neighbour differences (``None`` for a class without pairs); ``None`` without histograms."""
+        if self.gradient_histogram is None:
+            return None
+        lo, hi = self.value_range
+        return [[[[_quantiles(counts, 0.0, hi - lo) for counts in per_class] for per_class in per_axis] for per_axis in per_scale]
+                for per_scale in self.gradient_histogram]
 
     def mean(self) -> torch.Tensor:
         if not self.subjects:
@@ -154,6 +160,32 @@ class AtlasAccumulator:
         if not self.subjects:
             raise ValueError("atlas: no label maps were added")
         return (self.image_total / self.subjects).float()
+
+
+def _class_histogram(label: torch.Tensor, values: torch.Tensor, span: float, num_classes: int) -> torch.Tensor:
+    """``(channels, num_classes, INTENSITY_BINS)`` counts of ``values`` ``(channels, *spatial)`` in ``[0, span]`` by
+    the class of ``label`` ``(*spatial)`` at the same voxel."""
+    bins = (values / span * INTENSITY_BINS).floor().clamp(0, INTENSITY_BINS - 1).long()
+    out = torch.zeros((values.shape[0], num_classes, INTENSITY_BINS), dtype=torch.float64)
+    for h in range(values.shape[0]):
+        key = label.flatten() * INTENSITY_BINS + bins[h].flatten()
+        out[h] = torch.bincount(key, minlength=num_classes * INTENSITY_BINS).view(num_classes, INTENSITY_BINS).double()
+    return out
+
+
+def _quantiles(counts: torch.Tensor, lo: float, hi: float) -> list | None:
+    """The ``INTENSITY_LEVELS`` quantiles of a histogram over ``[lo, hi]``, linear within the bin where the cumulative
+    count crosses each level; ``None`` for an empty histogram."""
+    total = float(counts.sum())
+    if total <= 0:
+        return None
+    width = (hi - lo) / len(counts)
+    levels = torch.tensor(INTENSITY_LEVELS, dtype=torch.float64)
+    cdf = counts.cumsum(0) / total
+    b = torch.searchsorted(cdf, levels).clamp(max=len(counts) - 1)  # first bin whose cdf reaches the level
+    below = torch.where(b > 0, cdf[(b - 1).clamp(min=0)], torch.zeros_like(levels))
+    frac = ((levels - below) / (cdf[b] - below).clamp_min(1e-12)).clamp(0, 1)
+    return [round(float(v), 4) for v in lo + (b.double() + frac) * width]
 
 
 def preprocessed_subjects(card: dict, datalist, key: str = "training"):
@@ -217,8 +249,9 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         pooled = torch.where(total > 1e-8, pooled / total.clamp_min(1e-8), torch.full_like(pooled, 1.0 / pooled.shape[0]))
         epsilon = gaussian_epsilon(float(policy.atlas_noise) / sensitivity, 1, policy.delta)
     quantiles = acc.class_quantiles() if policy.atlas_noise == 0 else None
+    gradient = acc.class_gradient_quantiles() if policy.atlas_noise == 0 else None
     if policy.atlas_noise > 0 and acc.histogram is not None:
-        logger.info("class intensity quantiles not shared: the policy adds noise to its atlas, and no noise mechanism covers them")
+        logger.info("class intensity and gradient quantiles not shared: the policy adds noise to its atlas, and no noise mechanism covers them")
     return {
         "grid": grid,
         "pool": pool,
@@ -234,6 +267,9 @@ def publish_atlas(acc: AtlasAccumulator, policy: AnswerPolicy, spacing: Sequence
         "intensity": [round(float(v), 4) for v in intensity.flatten()],  # mean network-input intensity per cell
         "class_intensity": None if quantiles is None else {"levels": list(INTENSITY_LEVELS), "value_range": list(acc.value_range),
                                                            "quantiles": quantiles},  # channels x classes x levels
+        "class_gradient": None if gradient is None else {"levels": list(INTENSITY_LEVELS), "scales": list(GRADIENT_SCALES),
+                                                         "value_range": [0.0, acc.value_range[1] - acc.value_range[0]],
+                                                         "quantiles": gradient},  # scales x axes x channels x classes x levels
     }
 
 
@@ -263,6 +299,27 @@ def atlas_class_intensity(atlas: dict, num_classes: int) -> tuple[torch.Tensor, 
     if quantiles.ndim != 3 or quantiles.shape[1:] != (num_classes, len(levels)):
         raise ValueError(f"atlas class_intensity quantiles are {tuple(quantiles.shape)}, expected (channels, {num_classes}, {len(levels)})")
     return levels, quantiles
+
+
+def atlas_class_gradient(atlas: dict, num_classes: int, spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """``(levels (L,), quantiles (scales, spatial_dims, channels, num_classes, L), scales)`` of the neighbour
+    differences a published atlas shares (NaN rows for classes without pairs), or ``None`` when it shares none; raises
+    naming what is malformed."""
+    shared = atlas.get("class_gradient")
+    if shared is None:
+        return None
+    try:
+        levels = torch.tensor(shared["levels"], dtype=torch.float32)
+        scales = [int(v) for v in shared["scales"]]
+        rows = [[[[[float("nan")] * len(levels) if r is None else r for r in per_class] for per_class in per_axis] for per_axis in per_scale]
+                for per_scale in shared["quantiles"]]
+        quantiles = torch.tensor(rows, dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"atlas class_gradient is malformed ({type(e).__name__}: {e}); expected 'levels', 'scales' and 'quantiles'") from None
+    if quantiles.ndim != 5 or quantiles.shape[:2] != (len(scales), spatial_dims) or quantiles.shape[3:] != (num_classes, len(levels)):
+        raise ValueError(f"atlas class_gradient quantiles are {tuple(quantiles.shape)}, expected ({len(scales)}, {spatial_dims}, channels, "
+                         f"{num_classes}, {len(levels)})")
+    return levels, quantiles, scales
 
 
 def atlas_tensor(atlas: dict, num_classes: int) -> torch.Tensor:

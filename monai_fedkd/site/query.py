@@ -156,6 +156,9 @@ class QuerySite:
             shared = len(atlas["probabilities"]) + len(atlas["intensity"])
             if atlas.get("class_intensity") is not None:
                 shared += sum(len(r or ()) for per_class in atlas["class_intensity"]["quantiles"] for r in per_class)
+            if atlas.get("class_gradient") is not None:
+                shared += sum(len(r or ()) for per_scale in atlas["class_gradient"]["quantiles"] for per_axis in per_scale
+                              for per_class in per_axis for r in per_class)
             self.stats.bytes_sent += 4 * shared  # shared information: counted as sent (float32)
             logger.info("site '%s' shares a %s class atlas of %d subjects (epsilon %s)", self.name, atlas["grid"], atlas["subjects"],
                         atlas["epsilon"])
