@@ -197,6 +197,16 @@ def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     return fp[lo] + t * (fp[hi] - fp[lo])
 
 
+def _layout_of(x: torch.Tensor, layout) -> torch.Tensor:
+    """``layout`` as ``(B, *spatial)`` class indices for ``x`` ``(B, C, *spatial)`` (a channel axis of one is dropped)."""
+    layout = torch.as_tensor(layout, device=x.device)
+    if layout.ndim == x.ndim:
+        layout = layout[:, 0]
+    if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
+    return layout
+
+
 class ClassIntensityLoss(nn.Module):
     """1D Wasserstein-1 distance, per channel and layout class, between the synthetic intensities and the sites'.
 
@@ -241,11 +251,7 @@ class ClassIntensityLoss(nn.Module):
         channels, classes = self.quantiles.shape[:2]
         if x.ndim < 3 or x.shape[1] != channels:
             raise ValueError(f"x must be (B, {channels}, *spatial), got {tuple(x.shape)}")
-        layout = torch.as_tensor(layout, device=x.device)
-        if layout.ndim == x.ndim:
-            layout = layout[:, 0]
-        if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
-            raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
+        layout = _layout_of(x, layout)
         levels, quantiles = self.levels.to(x), self.quantiles.to(x)
         groups = [(x[b:b + 1], layout[b:b + 1]) for b in range(x.shape[0])] if self.per_sample else [(x, layout)]
         terms = []
@@ -325,11 +331,7 @@ class ClassGradientLoss(nn.Module):
     def forward(self, x: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.dims + 2:
             raise ValueError(f"x must be (B, channels, {self.dims} spatial dims), got {tuple(x.shape)}")
-        layout = torch.as_tensor(layout, device=x.device)
-        if layout.ndim == x.ndim:
-            layout = layout[:, 0]
-        if tuple(layout.shape) != (x.shape[0], *x.shape[2:]):
-            raise ValueError(f"layout must be {(x.shape[0], *x.shape[2:])}, got {tuple(layout.shape)}")
+        layout = _layout_of(x, layout)
         terms = []
         for i, scale in enumerate(self.scales):
             for d, pair in enumerate(neighbour_differences(x, layout, scale)):
