@@ -165,7 +165,7 @@ def write_markdown(results: dict, page: Path) -> None:
 
     def row(label, values):
         vals = [v.get("validation") for v in values], [v.get("test") for v in values]
-        means = [statistics.mean(x) if all(y is not None for y in x) else None for x in vals]
+        means = [statistics.mean(x) if x and all(y is not None for y in x) else None for x in vals]
         return f"| {label} | " + " | ".join(f"{_fmt(v.get('validation'))} / {_fmt(v.get('test'))}" for v in values) + f" | {_fmt(means[0])} / {_fmt(means[1])} |"
 
     teachers = list(seeds[0]["teachers"]) if seeds else []

@@ -1,0 +1,40 @@
+"""The classification variant benchmark's teachers, variants and page, without training (the runs take minutes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_fedkd.benchmarks.classification_variants import VARIANTS, run, teacher_combinations, write_markdown
+from monai_fedkd.losses import ensemble_log_probabilities
+
+
+def test_teacher_combinations_cover_both_forms_and_weight_by_the_cards():
+    counts = [[90, 10], [0, 50], [30, 30]]
+    combos = teacher_combinations(counts)
+    assert sorted(combos) == sorted(f"{c}_{w}" for c in ("mixture", "product") for w in ("mean", "count", "contrast", "size"))
+    assert combos["product_contrast"]["combination"] == "product" and combos["mixture_mean"]["weights"] is None
+    # the one-class site counts for nothing under contrast weights: the contrast teacher ignores its logits
+    logits = torch.randn(3, 4, 2)
+    changed = logits.clone()
+    changed[1] = torch.randn(4, 2) * 10
+    for name in ("mixture_contrast", "product_contrast"):
+        a = ensemble_log_probabilities(logits, **combos[name])
+        b = ensemble_log_probabilities(changed, **combos[name])
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not torch.allclose(ensemble_log_probabilities(logits, **combos["product_size"]), ensemble_log_probabilities(changed, **combos["product_size"]))
+
+
+def test_page_lists_every_teacher_and_variant_and_unknown_variants_are_named(tmp_path):
+    results = {"benchmark": "tiny", "variants": {"default": {}, "affine": VARIANTS["affine"]},
+               "seeds": [{"seed": 0, "teachers": {"site0": {"validation": 0.9, "test": 0.8}, "product_mean": {"validation": 0.95, "test": 0.85}},
+                          "variants": {"default": {"validation": 0.91, "test": 0.81}, "affine": {"validation": 0.92, "test": None}}}]}
+    page = tmp_path / "results.md"
+    write_markdown(results, page)
+    text = page.read_text()
+    assert "| product_mean | 0.9500 / 0.8500 | 0.9500 / 0.8500 |" in text and "| site0 |" not in text
+    assert "| affine | 0.9200 / – | 0.9200 / – |" in text
+    write_markdown({**results, "seeds": []}, page)  # rewritten in place, not appended
+    assert page.read_text().count("## Classification variants: tiny") == 1
+    with pytest.raises(ValueError, match="unknown classification variants"):
+        run("pneumoniamnist_a0.5", variants=["no_such_variant"], docs=None)
