@@ -38,3 +38,16 @@ def test_page_lists_every_teacher_and_variant_and_unknown_variants_are_named(tmp
     assert page.read_text().count("## Classification variants: tiny") == 1
     with pytest.raises(ValueError, match="unknown classification variants"):
         run("pneumoniamnist_a0.5", variants=["no_such_variant"], docs=None)
+
+
+def test_a_site_that_withholds_its_counts_is_named(tmp_path):
+    import json
+
+    from monai_fedkd.benchmarks.classification_variants import class_counts
+
+    for name, counts in (("site_a", [3, 4]), ("site_b", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "site_card.json").write_text(json.dumps({"class_counts": counts}))
+    assert class_counts([tmp_path / "site_a"]) == [[3, 4]]
+    with pytest.raises(ValueError, match="site_b"):
+        class_counts([tmp_path / "site_a", tmp_path / "site_b"])

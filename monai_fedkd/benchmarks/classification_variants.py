@@ -78,29 +78,33 @@ def teacher_combinations(class_counts) -> dict[str, dict]:
             for comb in ("mixture", "product") for name, w in (("mean", None), ("count", count), ("contrast", contrast), ("size", size))}
 
 
-def _auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
+def class_counts(site_dirs) -> list[list[float]]:
+    """The class counts of every site's card (the weighted teachers need them all)."""
+    counts = [json.loads((Path(d) / "site_card.json").read_text()).get("class_counts") for d in site_dirs]
+    missing = [Path(d).name for d, c in zip(site_dirs, counts) if c is None]
+    if missing:
+        raise ValueError(f"sites {missing} withhold their class counts: the weighted teachers cannot be scored")
+    return counts
 
-    if len(np.unique(labels)) < 2:
-        return None
-    return float(roc_auc_score(labels, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_score(labels, probs, multi_class="ovr"))
 
-
-def score_teachers(site_dirs, site_files) -> dict[str, dict[str, float | None]]:
-    """Pooled AUROC of every site model and every combination in :func:`teacher_combinations`, per split."""
+def score_teachers(site_dirs, site_files, counts=None) -> dict[str, dict[str, float | None]]:
+    """Pooled AUROC of every site model and every combination in :func:`teacher_combinations`, per split
+    (scored as the evaluation scores models: :func:`~monai_fedkd.evaluation.evaluate.classification_metrics`)."""
+    from monai_fedkd.evaluation.evaluate import classification_metrics
     from monai_fedkd.losses import ensemble_log_probabilities
 
-    cards = [json.loads((Path(d) / "site_card.json").read_text()) for d in site_dirs]
-    if any(c.get("class_counts") is None for c in cards):
-        raise ValueError("every site must publish its class counts to score the weighted teachers")
-    combos = teacher_combinations([c["class_counts"] for c in cards])
+    combos = teacher_combinations(counts if counts is not None else class_counts(site_dirs))
+
+    def auroc(probs: torch.Tensor, labels: np.ndarray) -> float | None:
+        return classification_metrics(probs.numpy(), labels)["auroc"]
+
     scores: dict[str, dict[str, float | None]] = {}
     for key in SPLITS:
         logits, labels = site_logits(site_dirs, site_files, key)
         for d, lg in zip(site_dirs, logits):
-            scores.setdefault(Path(d).name, {})[key] = _auroc(torch.softmax(lg, 1).numpy(), labels)
+            scores.setdefault(Path(d).name, {})[key] = auroc(torch.softmax(lg, 1), labels)
         for name, kw in combos.items():
-            scores.setdefault(name, {})[key] = _auroc(ensemble_log_probabilities(logits, **kw).exp().numpy(), labels)
+            scores.setdefault(name, {})[key] = auroc(ensemble_log_probabilities(logits, **kw).exp(), labels)
     return scores
 
 
@@ -128,8 +132,9 @@ def run(benchmark: str, mirror=None, workdir="runs/bench", seeds=None, variants=
         if info["task"] != "classification":
             raise ValueError(f"{cfg['name']} is a {info['task']} benchmark; classification variants score AUROC")
         manifest = json.loads((run_dir / "sites" / "manifest.json").read_text())
-        record = {"seed": seed, "sites": [Path(d).name for d in site_dirs], "teachers": score_teachers(site_dirs, site_files), "variants": {},
-                  "class_counts": [json.loads((Path(d) / "site_card.json").read_text())["class_counts"] for d in site_dirs],
+        counts = class_counts(site_dirs)
+        record = {"seed": seed, "sites": [Path(d).name for d in site_dirs], "teachers": score_teachers(site_dirs, site_files, counts),
+                  "variants": {}, "class_counts": counts,
                   "manifest_partition": manifest.get("partition")}
         for v in variants:
             name = f"variant_{v}"
