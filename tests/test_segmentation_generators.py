@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED_DATA, require
 from monai_fedkd.benchmarks.segmentation_generators import UPPER_BOUND, VARIANTS, atlas_layout_match, run
 from monai_fedkd.benchmarks.suite import load_config, prepare_sites
+from monai_fedkd.site.card import read_site_card
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
         "site_overrides": {"spacing": [6.0, 6.0, 6.0], "spatial_size": [16, 16, 16], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
                            "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "answer_policy": {"atlas_min_subjects": 1}}}))
     docs = tmp_path / "docs"
-    variants = ["layout", UPPER_BOUND, "unconditional"]
+    variants = [UPPER_BOUND, "layout", "unconditional"]  # the bound first: it needs no data-free run of its own
     results = run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=variants, docs=docs)
     written = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
     assert written["runs"] == results["runs"] and sorted(r["variant"] for r in written["runs"]) == sorted(variants)
@@ -47,7 +48,9 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
     merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
     assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_fg_student_augment"])
     # the atlas check: leave-one-out layouts of every alignment and cell size, scored against the subject left out
-    _, site_dirs, site_files, _ = prepare_sites(load_config(config), 0, os.path.relpath(tmp_path / "runs"), SHARED_DATA)
+    run_dir, site_dirs, site_files, _ = prepare_sites(load_config(config), 0, os.path.relpath(tmp_path / "runs"), SHARED_DATA)
+    bound = read_site_card(run_dir / f"generator_{UPPER_BOUND}_3s")
+    assert bound["role"] == "real_input_bound" and "not data-free" in bound["upper_bound"] and bound["max_seconds"] == 3.0
     match = atlas_layout_match(site_dirs, site_files)
     assert match["subjects"] == sum(len(json.loads(f.read_text())["training"]) for f in site_files)
     assert sorted((r["align"], r["pool"]) for r in match["runs"]) == [("centre", 1), ("centre", 2), ("foreground", 1), ("foreground", 2)]

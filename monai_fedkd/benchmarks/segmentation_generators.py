@@ -101,13 +101,15 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
 UPPER_BOUND = "real_inputs"
 
 
-def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, seconds: float, seed: int) -> Path:
+def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, seed: int) -> Path:
     """The bundle's student, cache and distillation loss on the sites' real training patches labelled by the
-    site ensemble, for ``seconds``; the card is ``reference``'s (a data-free run of the same bundle), marked."""
+    site ensemble, for ``seconds``; its card (role ``real_input_bound``) names the student and says it is not data-free."""
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
+    from monai_fedkd.baselines.fedavg import write_global_model
     from monai_fedkd.losses import DistillationLoss, ensemble_log_probabilities, site_weights
+    from monai_fedkd.networks import network_definition
     from monai_fedkd.server.distillation import SampleCache, _EMA, cosine_lr
     from monai_fedkd.site.policy import released_log_probabilities
     from monai_fedkd.transport import QueryRequest
@@ -148,12 +150,10 @@ def real_input_upper_bound(sites_json: Path, reference: Path, output_dir: Path, 
             optimizer.step()
             ema.update(student)
         step += 1
-    (output_dir / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(ema.model.state_dict(), output_dir / "models" / "model.pt")
-    card = json.loads((reference / "central_card.json").read_text())
-    card.update({"iterations": step, "max_seconds": seconds, "upper_bound": "student distilled on the sites' real training patches (not data-free)",
-                 "generator_def": None, "layouts": None})
-    (output_dir / "central_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    template = {**cards[names[0]], "network_def": network_definition(student), "seed": seed, "iterations": step, "max_seconds": seconds,
+                "upper_bound": "student distilled on the sites' real training patches (not data-free)"}
+    write_global_model(ema.model.state_dict(), template, output_dir, "real_input_bound",
+                       {"sites": names, "batch_size": cfg["batch_size"], "student_steps": cfg["student_steps"], "student_lr": cfg["student_lr"]})
     return output_dir
 
 
@@ -204,12 +204,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 built[v] = (run_dir / name, None, card)
                 continue
             if v == UPPER_BOUND:
-                # the card of a layout variant of the same budget (the bound has no generator of its own)
-                cards = sorted(run_dir.glob(f"generator_layout*_{seconds:.0f}s/central_card.json"), key=lambda p: p.parent.name != f"generator_layout_{seconds:.0f}s")
-                if not cards:
-                    raise ValueError(f"{UPPER_BOUND} takes its card from a layout variant of the same budget: run 'layout' first")
-                reference = cards[0].parent
-                built[v] = real_input_upper_bound(run_dir / "sites.json", reference, run_dir / name, seconds, seed)
+                built[v] = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed)
             else:
                 extra, overrides = VARIANTS[v]
                 built[v] = distill_central(run_dir, site_dirs, site_files, "segmentation",
