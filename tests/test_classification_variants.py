@@ -51,3 +51,29 @@ def test_a_site_that_withholds_its_counts_is_named(tmp_path):
     assert class_counts([tmp_path / "site_a"]) == [[3, 4]]
     with pytest.raises(ValueError, match="site_b"):
         class_counts([tmp_path / "site_a", tmp_path / "site_b"])
+
+
+def test_published_seeds_merge_by_seed_and_site_models(tmp_path):
+    import json
+
+    from monai_fedkd.benchmarks.classification_variants import merge_published
+
+    def seed(k, sha, **variants):
+        return {"seed": k, "sites_sha256": sha, "teachers": {}, "variants": variants}
+
+    out = tmp_path / "cv.json"
+    assert merge_published(out, {"config_sha256": "c", "variants": {}, "seeds": []})["seeds"] == []  # nothing published yet
+    out.write_text(json.dumps({"config_sha256": "c", "variants": {"default": {}, "affine": {}},
+                               "seeds": [seed(0, "a", default={"test": 0.1}, affine={"test": 0.2}), seed(1, "b", default={"test": 0.3})]}))
+    merged = merge_published(out, {"config_sha256": "c", "variants": {"default": {}},
+                                   "seeds": [seed(0, "a", default={"test": 0.5}), seed(2, "d", default={"test": 0.6})]})
+    by_seed = {r["seed"]: r for r in merged["seeds"]}
+    assert sorted(by_seed) == [0, 1, 2] and set(merged["variants"]) == {"default", "affine"}
+    # seed 0 again on the same site models: the new default replaces the old, the variant not rerun is kept
+    assert by_seed[0]["variants"] == {"default": {"test": 0.5}, "affine": {"test": 0.2}}
+    assert by_seed[1]["variants"] == {"default": {"test": 0.3}}  # a seed not rerun is kept as published
+    # seed 1 on sites trained anew: nothing of the old sites' records survives for that seed
+    retrained = merge_published(out, {"config_sha256": "c", "variants": {"default": {}}, "seeds": [seed(1, "new", default={"test": 0.9})]})
+    assert {r["seed"]: r for r in retrained["seeds"]}[1]["variants"] == {"default": {"test": 0.9}}
+    # another config: the published file is not this benchmark's any more
+    assert [r["seed"] for r in merge_published(out, {"config_sha256": "other", "variants": {}, "seeds": [seed(3, "e")]})["seeds"]] == [3]

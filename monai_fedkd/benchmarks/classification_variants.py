@@ -7,9 +7,10 @@ For each seed the benchmark's sites (``monai-fedkd bench`` config) are trained o
 site model and every way of combining them (a mixture or a product of experts, with equal, class-count, contrast or
 training-set-size weights, all from what the cards publish) is scored on the pooled validation and test splits, so a
 distillation variant can be read against the teacher it copies. Then every distillation variant (central_distillation
-overrides, a fixed number of iterations: these runs take about a minute each) is built through the bundle and scored
+overrides, a fixed number of iterations: a minute or a few each) is built through the bundle and scored
 the same way. Written: ``docs/results/classification_variants_<benchmark>.json`` and a section of
-``docs/results.md``.
+``docs/results.md``; seeds run later (``--seeds``, ``--variants``) merge into what is published when their site
+models are the same (:func:`merge_published`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, write_section
+from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, sites_checksum, write_section
 from monai_fedkd.pipeline import distill_central
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def run(benchmark: str, mirror=None, workdir="runs/bench", seeds=None, variants=
             raise ValueError(f"{cfg['name']} is a {info['task']} benchmark; classification variants score AUROC")
         manifest = json.loads((run_dir / "sites" / "manifest.json").read_text())
         counts = class_counts(site_dirs)
-        record = {"seed": seed, "sites": [Path(d).name for d in site_dirs], "teachers": score_teachers(site_dirs, site_files, counts),
+        record = {"seed": seed, "sites": [Path(d).name for d in site_dirs], "sites_sha256": sites_checksum(site_dirs),
+                  "teachers": score_teachers(site_dirs, site_files, counts),
                   "variants": {}, "class_counts": counts,
                   "manifest_partition": manifest.get("partition")}
         for v in variants:
@@ -150,9 +152,34 @@ def run(benchmark: str, mirror=None, workdir="runs/bench", seeds=None, variants=
     return results
 
 
+def merge_published(out_json: Path, results: dict) -> dict:
+    """``results`` with the published seeds this call did not run. A seed run again on the same site models keeps
+    its published variants that this call did not run; on other site models (or another config) it is replaced."""
+    if not out_json.is_file():
+        return results
+    old = json.loads(out_json.read_text())
+    if old.get("config_sha256") != results["config_sha256"]:
+        return results
+    new_seeds = {r["seed"]: r for r in results["seeds"]}
+    merged = []
+    for r in old.get("seeds", []):
+        mine = new_seeds.pop(r["seed"], None)
+        if mine is None:
+            merged.append(r)
+        elif r.get("sites_sha256") is not None and r.get("sites_sha256") == mine["sites_sha256"]:
+            merged.append({**mine, "variants": {**r["variants"], **mine["variants"]}})
+        else:
+            merged.append(mine)
+    merged += new_seeds.values()
+    return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "seeds": sorted(merged, key=lambda r: r["seed"])}
+
+
 def _write(results: dict, out_json: Path, page: Path) -> None:
+    results = merge_published(out_json, results)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    tmp = out_json.with_name(f".{out_json.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out_json)  # a run that stops mid-write leaves the published file whole
     write_markdown(results, page)
 
 

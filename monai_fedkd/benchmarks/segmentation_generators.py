@@ -16,7 +16,6 @@ layout variants also the layouts) and a section of ``docs/results.md``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, write_section
+from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, sites_checksum, write_section
 from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, distill_central
 
 logger = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         if info["task"] != "segmentation":
             raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
-        sites_sha256 = _sites_checksum(site_dirs)
+        sites_sha256 = sites_checksum(site_dirs)
         elsewhere = _published_on_other_sites(out_json, sites_sha256)  # their montages keep their names
         built = {}
         for v in variants:
@@ -302,14 +301,6 @@ def atlas_layout_match(site_dirs, site_files, aligns=("centre", "foreground"), p
                                 "mean_dice": float(per_class.mean())})
             logger.info("atlas %s-aligned, pool %d: leave-one-out layout Dice %.3f", align, pool, float(per_class.mean()))
     return out
-
-
-def _sites_checksum(site_dirs) -> str:
-    """sha256 over the site models: records of one seed are comparable only when made from the same sites."""
-    h = hashlib.sha256()
-    for d in sorted(Path(d) for d in site_dirs):
-        h.update((d / "models" / "model.pt").read_bytes())
-    return h.hexdigest()
 
 
 def _merge_published(out_json: Path, results: dict) -> dict:

@@ -180,6 +180,14 @@ def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, 
     return run, site_dirs, site_files, info
 
 
+def sites_checksum(site_dirs) -> str:
+    """sha256 over the site models: records of one seed are comparable only when made from the same sites."""
+    h = hashlib.sha256()
+    for d in sorted(Path(d) for d in site_dirs):
+        h.update((d / "models" / "model.pt").read_bytes())
+    return h.hexdigest()
+
+
 def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.PathLike = "runs/bench", seeds=None,
                   docs: str | os.PathLike | None = DOCS) -> dict:
     """Run every method of ``config`` for every seed; write the JSON, plots and the markdown table under ``docs``."""
