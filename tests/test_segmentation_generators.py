@@ -106,7 +106,7 @@ def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path
     assert "| x (60 s) | 0 | 0.500 | 0.500 | 0.540 | 0.520 | -0.040 |" in finalists  # the stricter of 0.9 x 0.60 and 0.52
     assert "| x (60 s) | 1 | 0.900 | 0.900 | 0.855 | 0.800 | +0.045 |" in finalists
     assert "| y (60 s) |" not in finalists, "a variant of one seed is no finalist"
-    assert "earlier site models" not in text
+    assert "other site models" not in text
     write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": [*runs, {**rec("y", 0, 0.3, 0.3, 0.6, 0.52), "torch_threads": 2}]}, page)
     assert "| y (60 s, 2 threads) | 0.300 | 0.300 |" in page.read_text() and "| y (60 s) | 0.550 | 0.560 |" in page.read_text()
 
@@ -117,7 +117,12 @@ def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path
 
     runs = [on(r, "old0" if r["seed"] == 0 else "s1") for r in runs] + [on(rec("x", 0, 0.70, 0.71, 0.65, 0.60), "new0")]
     write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": runs}, page)
-    current, earlier = page.read_text().split("earlier site models")
+    current, earlier = page.read_text().split("other site models")
     assert "| x (60 s) | 0 | 0.700 | 0.710 | 0.585 | 0.600 | +0.110 |" in current and "| x (60 s) | 0 | 0.500 |" not in current
     assert "| y (60 s) |" not in current, "y ran on the earlier sites only"
     assert earlier.index("| y (60 s) | 0.550 | 0.560 |") < earlier.index("| x (60 s) | 0.500 | 0.500 |"), "the earlier sites' screening"
+    # a real-input bound run alone on sites trained anew later does not push the seed's data-free runs aside
+    write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": [*runs, on(rec(UPPER_BOUND, 0, 0.8, 0.8, 0.7, 0.6), "newer0")]}, page)
+    current, other = page.read_text().split("Finalists")[1].split("other site models", 1)
+    assert "| x (60 s) | 0 | 0.700 | 0.710 |" in current and f"| {UPPER_BOUND} (60 s) |" not in current
+    assert "newer0" in page.read_text() and f"| {UPPER_BOUND} (60 s) | 0.800 | 0.800 |" in page.read_text().split("newer0")[1]

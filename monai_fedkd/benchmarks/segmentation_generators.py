@@ -390,11 +390,13 @@ def _screening_lines(by_variant: dict[str, list[dict]], classes: list[str]) -> t
 def write_markdown(results: dict, page: Path) -> None:
     """One screening table per seed (every variant run on that seed, so that rows compare like with like) and the
     finalists' table (every variant run on more than one seed: each seed against its own references and the target),
-    both over the runs made from each seed's current site models (those of its latest run); below them, one screening
-    table per seed whose sites were trained anew since, over the runs made from its earlier site models."""
+    both over the runs made from each seed's current site models (those of its latest generator run: a real-input bound
+    alone on other sites has nothing data-free beside it); below them, one screening table per seed and other site
+    models, over the runs made from those."""
     name = results["benchmark"]
     mean, fmt = _mean, _fmt
     current = {r["seed"]: r.get("sites_sha256") for r in results["runs"]}  # records are in the order they were made
+    current.update({r["seed"]: r.get("sites_sha256") for r in results["runs"] if r["variant"] != UPPER_BOUND})
     now = [r for r in results["runs"] if r.get("sites_sha256") == current[r["seed"]]]
     earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
@@ -428,8 +430,8 @@ def write_markdown(results: dict, page: Path) -> None:
         groups.setdefault((r["seed"], r.get("sites_sha256")), []).append(r)
     for (seed, sites), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         _, table = _screening_lines(_by_variant(rs, results["seconds_per_variant"]), classes)
-        lines += ["", f"Seed {seed}, earlier site models (sha256 {str(sites)[:12]}…; the seed's sites were trained anew since, so these "
-                  "runs compare with each other only):", "", *table]
+        lines += ["", f"Seed {seed}, other site models (sha256 {str(sites)[:12]}…; the seed's sites trained anew, so these runs compare "
+                  "with each other only):", "", *table]
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
               f"`docs/results/segmentation_generators/{name}/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
