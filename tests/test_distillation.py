@@ -402,6 +402,41 @@ def test_vjp_matches_autograd_through_the_site_network(cls_sites):
     torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_site_answers_float32_values_close_to_its_float32_answers(cls_sites):
+    x = torch.rand(4, 1, 28, 28)
+    answers, vjps = {}, {}
+    for dtype in (None, "bfloat16"):
+        site = QuerySite(cls_sites[1][0], real_datalist=cls_sites[1][1], seed=5, autocast_dtype=dtype)
+        answers[dtype] = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 1.0, "realism": 1.0}))
+        vjps[dtype] = site.vjp(torch.ones_like(answers[dtype].outputs))
+    full, half = answers[None], answers["bfloat16"]
+    for a in (full, half):  # what crosses the transport is float32 whatever the site computes in
+        assert a.outputs.dtype == a.local_input_grad.dtype == torch.float32
+    assert not torch.equal(full.outputs, half.outputs)  # the network did run in bfloat16 ...
+    torch.testing.assert_close(half.outputs, full.outputs, rtol=0.05, atol=0.05)  # ... and answers nearly the same
+    for g16, g32 in ((half.local_input_grad, full.local_input_grad), (vjps["bfloat16"], vjps[None])):
+        assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.95
+    with pytest.raises(ValueError, match="float16 would need loss scaling"):
+        QuerySite(cls_sites[1][0], autocast_dtype="float16")
+
+
+def test_bfloat16_distillation_sends_float32_and_records_its_precision(cls_sites, tmp_path):
+    transport = SpyTransport(_sites(cls_sites, tmp_path, autocast_dtype="bfloat16"))
+    distiller = _distiller(transport, tmp_path, autocast_dtype="bfloat16")
+    computed = set()  # the dtypes the generator's and the student's forward passes produced
+    for net in (distiller.generator, distiller.student):
+        net.register_forward_hook(lambda _m, _i, out: computed.add(out.dtype))
+    model_path = distiller.run()
+    assert computed == {torch.bfloat16}
+    net, card = load_site_model(model_path.parents[1])
+    assert card["autocast_dtype"] == "bfloat16"
+    assert transport.crossed and all(t.dtype == torch.float32 for t in transport.crossed)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert torch.isfinite(net(torch.rand(2, 1, 28, 28))).all()
+    with pytest.raises(ValueError, match="autocast_dtype must be None"):
+        _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, out="bad", autocast_dtype="half")
+
+
 # ---- end to end through `python -m monai.bundle run` ----------------------------------------------------------
 
 def _sites_json(path: Path, entries) -> Path:
@@ -433,9 +468,12 @@ def test_bundle_3d_classification(adrenal_dir, tmp_path):
         entries.append((d, datalist))
     out = tmp_path / "central"
     _ok(run_bundle("central_distillation", "train.json", {"sites": str(_sites_json(tmp_path / "sites.json", entries)), "output_dir": str(out),
-                                                          "iterations": 2, "batch_size": 4, "student_batch_size": 4, "generator_def#base_channels": 8}))
+                                                          "iterations": 2, "batch_size": 4, "student_batch_size": 4, "generator_def#base_channels": 8,
+                                                          # 3D is where bfloat16 pays: the server's and the sites' precision through the bundle
+                                                          "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16"}))
     net, card = load_site_model(out)
     assert card["spatial_dims"] == 3 and net(torch.rand(1, 1, 28, 28, 28)).shape == (1, 2)
+    assert card["autocast_dtype"] == "bfloat16" and next(net.parameters()).dtype == torch.float32
     assert (out / "montages" / "iter_000002.png").exists()
 
 

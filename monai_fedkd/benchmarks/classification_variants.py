@@ -32,8 +32,15 @@ from monai_fedkd.pipeline import distill_central
 logger = logging.getLogger(__name__)
 
 # the sites' own training augmentation (site_classification's train#random_transforms), applied to the student's
-# inputs: a small rotation or scaling leaves an image's class, so the ensemble's answer stays a valid target
-SITE_AFFINE = {"_target_": "RandAffine", "prob": 0.5, "rotate_range": [0.15], "scale_range": [0.1, 0.1], "padding_mode": "border"}
+# inputs: a small rotation or scaling leaves an image's class, so the ensemble's answer stays a valid target; the
+# ranges follow the bundle's spatial_dims (one rotation angle in 2D, three in 3D), as at the sites
+SITE_AFFINE = {
+    "_target_": "RandAffine",
+    "prob": 0.5,
+    "rotate_range": "$[0.15] * (1 if @spatial_dims == 2 else 3)",
+    "scale_range": "$[0.1] * @spatial_dims",
+    "padding_mode": "border",
+}
 VARIANTS = {  # name -> central_distillation overrides
     "default": {},
     "product_weighted": {"ensemble_combination": "product"},
@@ -41,6 +48,7 @@ VARIANTS = {  # name -> central_distillation overrides
     "product_weighted_affine": {"ensemble_combination": "product", "student_transform": SITE_AFFINE},
     "product_weighted_affine_1000": {"ensemble_combination": "product", "iterations": 1000, "student_transform": SITE_AFFINE},
     "affine": {"student_transform": SITE_AFFINE},
+    "affine_1000": {"iterations": 1000, "student_transform": SITE_AFFINE},
 }
 SPLITS = ("validation", "test")
 

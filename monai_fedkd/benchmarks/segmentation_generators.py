@@ -96,6 +96,11 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # the class intensity default plus the neighbour-difference prior per axis (local contrast; against stripes and blobs)
     "layout_class_gradient_10": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                       "weights#class_gradient": 10.0, "site_options#policy": {"atlas_align": "foreground"}}),
+    # the default with the generator's, the student's and the sites' forward passes in bfloat16 (autocast): the same
+    # objective, more steps in the same wall time where the CPU (AMX) or GPU computes bfloat16 faster
+    "layout_class_intensity_10_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                                            "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16",
+                                            "site_options#policy": {"atlas_align": "foreground"}}),
 }
 UPPER_BOUND = "real_inputs"
 

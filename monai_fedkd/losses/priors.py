@@ -155,7 +155,7 @@ class BatchNormStatisticsLoss(nn.Module):
         return self.forward()
 
     def _hook(self, module: _BatchNorm, inputs, output) -> None:
-        h = inputs[0]
+        h = inputs[0].float()  # statistics in float32 also when the forward pass runs under bfloat16 autocast
         dims = [0, *range(2, h.ndim)]
         mean = h.mean(dim=dims)
         var = h.var(dim=dims, unbiased=False)

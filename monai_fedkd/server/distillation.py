@@ -52,6 +52,7 @@ from monai_fedkd.losses import (
     site_weights,
 )
 from monai_fedkd.networks import network_definition
+from monai_fedkd.networks.precision import autocast, check_autocast_dtype
 from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_class_gradient, combined_class_intensity, combined_intensity
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
@@ -260,6 +261,9 @@ class CentralDistillation:
             as its target; results are clipped to the sites' value range. Only label-preserving transforms belong
             here (intensity, not spatial): the target is not transformed. It is reseeded every step (``seed`` and
             the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
+        autocast_dtype: ``"bfloat16"``: the generator's and the student's forward passes run under autocast (see
+            :mod:`monai_fedkd.networks.precision`; outputs, losses, weights and optimizer states stay float32).
+            ``None``: float32 throughout. The sites choose their own precision (``site_options.autocast_dtype``).
         generator_iterations: train the generator for this many iterations only; later iterations sample it frozen
             and ask the sites forward-only queries (no input-gradient, no VJP, no discriminator update), whose
             answers only label the student's inputs. Once the generator has stopped improving (the layout generator
@@ -320,6 +324,7 @@ class CentralDistillation:
         prior_warmup_iterations: int = 0,
         class_intensity_options: Mapping | None = None,
         conditional_ce_class_balance: float = 0.0,
+        autocast_dtype: str | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> None:
@@ -330,6 +335,7 @@ class CentralDistillation:
             raise ValueError("selection must be 'last' or 'ema'")
         self.transport = transport
         self.device = torch.device(device)
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.generator = generator.to(self.device)
         self.student = student.to(self.device)
         self.output_dir = Path(output_dir)
@@ -603,7 +609,7 @@ class CentralDistillation:
         if self.weights["adversarial"]:
             with torch.no_grad():
                 self.student.eval()
-                student_logits = self.student(x.detach())
+                student_logits = self._student_forward(x.detach())
             server_terms["adversarial"] = self.terms["adversarial"](student_logits, log_probs)
         if (self.conditional or self.layouts is not None) and self.weights["conditional_ce"]:
             server_terms["conditional_ce"] = self.terms["conditional_ce"](log_probs, labels)
@@ -692,9 +698,17 @@ class CentralDistillation:
         return ensemble_log_probabilities(stacked, self.expertise, temperature=temperature, combination=self.ensemble_used["combination"])
 
     def _synthesize(self, z, labels) -> torch.Tensor:
-        if self.layouts is not None:
-            return self.generator(z, labels, self._prior)
-        return self.generator(z, labels) if labels is not None else self.generator(z)
+        with autocast(self.device, self.autocast_dtype):
+            if self.layouts is not None:
+                x = self.generator(z, labels, self._prior)
+            else:
+                x = self.generator(z, labels) if labels is not None else self.generator(z)
+        return x.float()  # what the sites and the losses see is float32, whatever the compute precision
+
+    def _student_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.autocast_dtype):
+            logits = self.student(x)
+        return logits.float()
 
     @staticmethod
     def _record_site_values(answers, out: dict) -> None:
@@ -730,7 +744,7 @@ class CentralDistillation:
             xb, pb = self.cache.sample(self.student_batch_size, g)
             if self.student_transform is not None:
                 xb = self._transform_student_inputs(xb)
-            loss = self.distill(self.student(xb.to(self.device)), pb.to(self.device))
+            loss = self.distill(self._student_forward(xb.to(self.device)), pb.to(self.device))
             self.s_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.s_optimizer.step()
@@ -834,6 +848,7 @@ class CentralDistillation:
             "checkpoint": "models/model.pt",
             "selection": self.selection,
             "ema_warmup": self.ema.warmup,
+            "autocast_dtype": self.autocast_dtype,
             "seed": self.seed,
             "iterations": int(engine.state.iteration),
             "max_seconds": self.max_seconds,

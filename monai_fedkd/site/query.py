@@ -32,6 +32,7 @@ from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
+from monai_fedkd.networks.precision import autocast, check_autocast_dtype
 from monai_fedkd.site.atlas import AtlasAccumulator, preprocessed_subjects, publish_atlas
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.site.policy import AnswerPolicy, PrivacyLedger
@@ -81,6 +82,8 @@ class QuerySite:
         state_dir: where the site checkpoints its own distillation state (resume).
         policy: fields that replace those of the site's own policy (``site_policy.json`` or its card). For
             simulations and benchmarks that play a site's decision; a deployed site writes ``site_policy.json``.
+        autocast_dtype: ``"bfloat16"``: the site's network and discriminator run their forward passes under autocast
+            (:mod:`monai_fedkd.networks.precision`); what the site releases is float32 either way. ``None``: float32.
     """
 
     # building the site (network, discriminator) must not move the caller's random state: the server's generator
@@ -101,9 +104,11 @@ class QuerySite:
         seed: int = 0,
         state_dir: str | os.PathLike | None = None,
         policy: Mapping | None = None,
+        autocast_dtype: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.network, self.card = load_site_model(site_dir, device=self.device)
         for p in self.network.parameters():
             p.requires_grad_(False)
@@ -229,7 +234,9 @@ class QuerySite:
             self.network.eval()
             if self._bn is not None:
                 self._bn.reset()
-            logits = self.network(x)
+            with autocast(self.device, self.autocast_dtype):
+                logits = self.network(x)
+            logits = logits.float()
             if not torch.isfinite(logits).all():
                 raise SiteAnswerError(self.name, "its network answered NaN/Inf")
             weights = dict(request.local_weights)
@@ -244,7 +251,9 @@ class QuerySite:
                 local = local + float(weights.get("bn_statistics", 0.0)) * bn
             if self.discriminator is not None:
                 self.discriminator.eval()
-                realism = realism_loss(self.discriminator(x), mode=self.d_mode)
+                with autocast(self.device, self.autocast_dtype):
+                    score = self.discriminator(x)
+                realism = realism_loss(score.float(), mode=self.d_mode)
                 values["realism"] = float(realism.detach())
                 local = local + float(weights.get("realism", 0.0)) * realism
             grad = None
@@ -268,7 +277,9 @@ class QuerySite:
         real = self._real_batch(self.real_batch_size or fake.shape[0], g, size=fake.shape[2:] if self.card["task"] == "segmentation" else None)
         self.discriminator.train()
         self.d_optimizer.zero_grad(set_to_none=True)
-        loss = discriminator_loss(self.discriminator(real), self.discriminator(fake), mode=self.d_mode)
+        with autocast(self.device, self.autocast_dtype):
+            real_score, fake_score = self.discriminator(real), self.discriminator(fake)
+        loss = discriminator_loss(real_score.float(), fake_score.float(), mode=self.d_mode)
         loss.backward()
         self.d_optimizer.step()
         return float(loss)
