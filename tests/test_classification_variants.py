@@ -75,5 +75,15 @@ def test_published_seeds_merge_by_seed_and_site_models(tmp_path):
     # seed 1 on sites trained anew: nothing of the old sites' records survives for that seed
     retrained = merge_published(out, {"config_sha256": "c", "variants": {"default": {}}, "seeds": [seed(1, "new", default={"test": 0.9})]})
     assert {r["seed"]: r for r in retrained["seeds"]}[1]["variants"] == {"default": {"test": 0.9}}
+    # a record from before the checksum: the same sites are known by their teachers' scores, equal to the last digit
+    teachers = {"mixture_count": {"validation": 0.91, "test": 0.81}}
+    out.write_text(json.dumps({"config_sha256": "c", "variants": {"default": {}},
+                               "seeds": [{"seed": 0, "teachers": teachers, "variants": {"default": {"test": 0.1}}}]}))
+    again = merge_published(out, {"config_sha256": "c", "variants": {"affine": {}},
+                                  "seeds": [{**seed(0, "a", affine={"test": 0.2}), "teachers": teachers}]})
+    assert again["seeds"][0]["variants"] == {"default": {"test": 0.1}, "affine": {"test": 0.2}} and again["seeds"][0]["sites_sha256"] == "a"
+    moved = {"mixture_count": {"validation": 0.91, "test": 0.8100001}}
+    other = merge_published(out, {"config_sha256": "c", "variants": {"affine": {}}, "seeds": [{**seed(0, "a", affine={"test": 0.2}), "teachers": moved}]})
+    assert other["seeds"][0]["variants"] == {"affine": {"test": 0.2}}
     # another config: the published file is not this benchmark's any more
     assert [r["seed"] for r in merge_published(out, {"config_sha256": "other", "variants": {}, "seeds": [seed(3, "e")]})["seeds"]] == [3]
