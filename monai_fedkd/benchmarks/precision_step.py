@@ -1,0 +1,57 @@
+"""Forward + backward time of the 3D networks of a distillation step in float32 and under bfloat16 autocast.
+
+``autocast_dtype: bfloat16`` (central_distillation's option for the generator and student, and
+``site_options.autocast_dtype`` for the sites) runs these passes in bfloat16. This times one forward and backward
+(to the input, as a site answering a query does, and to the weights, as the student's update does) of each 3D
+benchmark's site network at the distillation's batch and patch size, both ways, and writes the medians to
+``docs/results/precision_step.json``:
+
+    python -m monai_fedkd.benchmarks.precision_step --repeats 7
+
+Run it alone: other jobs on the cores change the figures. The speed-up depends on the processor (bfloat16 matrix
+units such as AMX, or a GPU's); where it has none, bfloat16 can be slower than float32.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from monai_fedkd.benchmarks._timing import compare_variants
+from monai_fedkd.networks import build_network
+from monai_fedkd.networks.precision import autocast
+
+# the site bundles' default networks for the 3D benchmarks, at central_distillation's batch and synthesis size
+CASES = {
+    "ixi_segmentation_unet_4x32^3": {"network": {"name": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 6, "channels": [16, 32, 64, 128],
+                                                 "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}, "input": [4, 1, 32, 32, 32]},
+    "adrenalmnist3d_classifier_16x28^3": {"network": {"name": "Classifier", "in_shape": [1, 28, 28, 28], "classes": 2, "channels": [16, 32, 64],
+                                                      "strides": [2, 2, 2], "num_res_units": 1, "dropout": 0.1}, "input": [16, 1, 28, 28, 28]},
+}
+
+
+def _time(case: dict, repeats: int, dtype: str | None, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    net = build_network(**case["network"])
+    x = torch.rand(*case["input"], requires_grad=True)
+    times = []
+    for i in range(repeats + 1):  # the first pass warms up allocators (and oneDNN's kernels) and is not counted
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        t0 = time.perf_counter()
+        with autocast("cpu", dtype):
+            out = net(x)
+        out.float().square().mean().backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    return compare_variants(argv, __doc__, CASES, {"float32": lambda c, r: _time(c, r, None), "bfloat16": lambda c, r: _time(c, r, "bfloat16")},
+                            "precision_step")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
