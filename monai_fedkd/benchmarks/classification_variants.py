@@ -49,6 +49,7 @@ VARIANTS = {  # name -> central_distillation overrides
     "product_weighted_affine_1000": {"ensemble_combination": "product", "iterations": 1000, "student_transform": SITE_AFFINE},
     "affine": {"student_transform": SITE_AFFINE},
     "affine_1000": {"iterations": 1000, "student_transform": SITE_AFFINE},
+    "default_1000": {"iterations": 1000},
 }
 SPLITS = ("validation", "test")
 

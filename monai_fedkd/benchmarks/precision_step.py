@@ -3,10 +3,11 @@
 ``autocast_dtype: bfloat16`` (central_distillation's option for the generator and student, and
 ``site_options.autocast_dtype`` for the sites) runs these passes in bfloat16. This times one forward and backward
 (to the input, as a site answering a query does, and to the weights, as the student's update does) of each 3D
-benchmark's site network at the distillation's batch and patch size, both ways, and writes the medians to
-``docs/results/precision_step.json``:
+benchmark's site network at the distillation's batch and patch size, and of the AdrenalMNIST3D generator, both
+ways, and writes the medians to ``docs/results/precision_step.json`` (``speedup``: float32's median over
+bfloat16's):
 
-    python -m monai_fedkd.benchmarks.precision_step --repeats 7
+    python -m monai_fedkd.benchmarks.precision_step --repeats 25
 
 Run it alone: other jobs on the cores change the figures. The speed-up depends on the processor (bfloat16 matrix
 units such as AMX, or a GPU's); where it has none, bfloat16 can be slower than float32.
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from monai_fedkd.benchmarks import generator_step
 from monai_fedkd.benchmarks._timing import compare_variants
 from monai_fedkd.networks import build_network
 from monai_fedkd.networks.precision import autocast
@@ -28,10 +30,14 @@ CASES = {
                                                  "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}, "input": [4, 1, 32, 32, 32]},
     "adrenalmnist3d_classifier_16x28^3": {"network": {"name": "Classifier", "in_shape": [1, 28, 28, 28], "classes": 2, "channels": [16, 32, 64],
                                                       "strides": [2, 2, 2], "num_res_units": 1, "dropout": 0.1}, "input": [16, 1, 28, 28, 28]},
+    "adrenalmnist3d_generator_16x28^3": {"generator": generator_step.CASES["adrenalmnist3d_3d_28"]},
 }
 
 
 def _time(case: dict, repeats: int, dtype: str | None, seed: int = 0) -> list[float]:
+    if "generator" in case:
+        with autocast("cpu", dtype):
+            return generator_step.time_case(case["generator"], repeats, seed)
     torch.manual_seed(seed)
     net = build_network(**case["network"])
     x = torch.rand(*case["input"], requires_grad=True)
@@ -49,7 +55,7 @@ def _time(case: dict, repeats: int, dtype: str | None, seed: int = 0) -> list[fl
 
 
 def main(argv=None) -> int:
-    return compare_variants(argv, __doc__, CASES, {"float32": lambda c, r: _time(c, r, None), "bfloat16": lambda c, r: _time(c, r, "bfloat16")},
+    return compare_variants(argv, __doc__, CASES, {"bfloat16": lambda c, r: _time(c, r, "bfloat16"), "float32": lambda c, r: _time(c, r, None)},
                             "precision_step")
 
 

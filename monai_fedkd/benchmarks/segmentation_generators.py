@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 # the sites' atlas policy of the runs before atlas_align existed (played by the benchmark, as the sites' decision)
 CENTRE_ALIGNED = {"site_options#policy": {"atlas_align": "centre"}}
+# every variant measured before central_distillation 0.9.0 ran in float32; the bundle's "auto" precision would turn
+# them into bfloat16 variants on CPUs with AMX, so they pin float32 and the *_bf16 variants ask for bfloat16
+FLOAT32 = {"autocast_dtype": None, "site_options#autocast_dtype": None}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -123,7 +126,7 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
     parser = ConfigParser()
     parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
     # the bound trains on the sites' real patches: they load them whatever the data-free default says
-    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True})
+    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True, **FLOAT32})
     cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup",
                                                      "student_dice_weight", "student_lr_schedule")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
@@ -213,7 +216,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 extra, overrides = VARIANTS[v]
                 built[v] = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                            {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
-                                            "montage_interval": 1_000_000, **overrides}, name=name, extra_configs=extra)
+                                            "montage_interval": 1_000_000, **FLOAT32, **overrides}, name=name, extra_configs=extra)
             card = json.loads((built[v] / "central_card.json").read_text())
             built[v] = (built[v], time.perf_counter() - t0, card)
         # one evaluation folder per budget and set of variants: runs of other variants may evaluate at the same time

@@ -52,7 +52,7 @@ from monai_fedkd.losses import (
     site_weights,
 )
 from monai_fedkd.networks import network_definition
-from monai_fedkd.networks.precision import autocast, check_autocast_dtype
+from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
 from monai_fedkd.server.layouts import LayoutSampler, combined_atlas, combined_class_gradient, combined_class_intensity, combined_intensity
 from monai_fedkd.site.card import CENTRAL_CARD_NAME, atomic_write_json
 from monai_fedkd.site.policy import AnswerPolicy, released_log_probabilities
@@ -263,7 +263,8 @@ class CentralDistillation:
             the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
         autocast_dtype: ``"bfloat16"``: the generator's and the student's forward passes run under autocast (see
             :mod:`monai_fedkd.networks.precision`; outputs, losses, weights and optimizer states stay float32).
-            ``None``: float32 throughout. The sites choose their own precision (``site_options.autocast_dtype``).
+            ``None``: float32 throughout. ``"auto"``: bfloat16 where the device computes it natively, else float32
+            (the card records what ran). The sites choose their own precision (``site_options.autocast_dtype``).
         generator_iterations: train the generator for this many iterations only; later iterations sample it frozen
             and ask the sites forward-only queries (no input-gradient, no VJP, no discriminator update), whose
             answers only label the student's inputs. Once the generator has stopped improving (the layout generator
@@ -335,7 +336,7 @@ class CentralDistillation:
             raise ValueError("selection must be 'last' or 'ema'")
         self.transport = transport
         self.device = torch.device(device)
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device)
         self.generator = generator.to(self.device)
         self.student = student.to(self.device)
         self.output_dir = Path(output_dir)

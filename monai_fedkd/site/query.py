@@ -32,7 +32,7 @@ from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
-from monai_fedkd.networks.precision import autocast, check_autocast_dtype
+from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
 from monai_fedkd.site.atlas import AtlasAccumulator, preprocessed_subjects, publish_atlas
 from monai_fedkd.site.card import load_site_model
 from monai_fedkd.site.policy import AnswerPolicy, PrivacyLedger
@@ -83,7 +83,8 @@ class QuerySite:
         policy: fields that replace those of the site's own policy (``site_policy.json`` or its card). For
             simulations and benchmarks that play a site's decision; a deployed site writes ``site_policy.json``.
         autocast_dtype: ``"bfloat16"``: the site's network and discriminator run their forward passes under autocast
-            (:mod:`monai_fedkd.networks.precision`); what the site releases is float32 either way. ``None``: float32.
+            (:mod:`monai_fedkd.networks.precision`); what the site releases is float32 either way. ``None``: float32. ``"auto"``: bfloat16 where
+            this site's device computes it natively, else float32.
     """
 
     # building the site (network, discriminator) must not move the caller's random state: the server's generator
@@ -108,7 +109,7 @@ class QuerySite:
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device)
         self.network, self.card = load_site_model(site_dir, device=self.device)
         for p in self.network.parameters():
             p.requires_grad_(False)
