@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import dataset_info, ok as _ok, run_bundle
-from monai_fedkd.networks import build_network
-from monai_fedkd.networks.precision import native_bfloat16
+from monai_fedkd.networks import build_network, precision
 from monai_fedkd.pipeline import dataset_overrides
 from monai_fedkd.server import CentralDistillation, check_site_cards
 from monai_fedkd.site import load_site_model, read_site_card
@@ -439,8 +438,6 @@ def test_bfloat16_distillation_sends_float32_and_records_its_precision(cls_sites
 
 
 def test_auto_precision_is_bfloat16_only_where_the_device_has_it_natively(cls_sites, monkeypatch):
-    from monai_fedkd.networks import precision
-
     for native, expected in ((True, "bfloat16"), (False, None)):
         monkeypatch.setattr(precision, "native_bfloat16", lambda device, native=native: native)
         assert precision.resolve_autocast_dtype("auto", "cpu") == expected
@@ -550,7 +547,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     # segmentation's default precision "auto" resolves on this machine's CPU, and the card says what ran
-    assert card["autocast_dtype"] == ("bfloat16" if native_bfloat16("cpu") else None)
+    assert card["autocast_dtype"] == ("bfloat16" if precision.native_bfloat16("cpu") else None)
     assert next(net.parameters()).dtype == torch.float32
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
