@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -373,6 +374,16 @@ def test_site_answering_nan_is_named_or_dropped(cls_sites, tmp_path):
     assert list(card["expertise_weights"]) == [good.name]
 
 
+def test_a_diverged_generator_is_named_as_the_cause_not_the_site_that_refuses_its_inputs(cls_sites, tmp_path):
+    sites = [QuerySite(d, real_datalist=dl, state_dir=tmp_path / f"s{i}") for i, (d, dl) in enumerate(cls_sites)]
+    distiller = _distiller(InProcessTransport(sites), tmp_path, out="diverged")
+    with torch.no_grad():
+        next(distiller.generator.parameters()).fill_(float("nan"))  # what a blown-up update leaves behind
+    with pytest.raises(FloatingPointError, match="generator produced non-finite inputs.*generator_lr"):
+        distiller.run()
+    assert not (tmp_path / "diverged" / "models" / "model.pt").exists()
+
+
 def test_site_refuses_inputs_outside_its_spec(cls_sites, tmp_path):
     site = QuerySite(cls_sites[0][0])
     with pytest.raises(SiteAnswerError, match="shape"):
@@ -437,11 +448,31 @@ def test_bfloat16_distillation_sends_float32_and_records_its_precision(cls_sites
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, out="bad", autocast_dtype="half")
 
 
-def test_auto_precision_is_bfloat16_only_where_the_device_has_it_natively(cls_sites, monkeypatch):
-    for native, expected in ((True, "bfloat16"), (False, None)):
+def test_auto_precision_is_bfloat16_only_where_the_device_has_it_natively_and_right(cls_sites, monkeypatch):
+    for native, agree, expected in ((True, True, "bfloat16"), (False, True, None), (True, False, None)):
         monkeypatch.setattr(precision, "native_bfloat16", lambda device, native=native: native)
+        monkeypatch.setattr(precision, "bfloat16_convolutions_agree", lambda device, agree=agree: agree)
         assert precision.resolve_autocast_dtype("auto", "cpu") == expected
         assert QuerySite(cls_sites[1][0], autocast_dtype="auto").autocast_dtype == expected
+    monkeypatch.undo()
+    # the check itself: a device whose bfloat16 convolutions answer differently from float32 is caught
+    real_autocast = precision.autocast
+
+    @contextlib.contextmanager
+    def skewed_autocast(device, dtype):
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o * 1.5) if dtype else None
+        with real_autocast(device, dtype):
+            yield
+        if handle is not None:
+            handle.remove()
+
+    precision._probe.cache_clear()
+    monkeypatch.setattr(precision, "autocast", skewed_autocast)
+    assert precision.bfloat16_convolutions_agree("cpu") is False
+    assert "output off by" in precision._probe("cpu", 0.05)[1]
+    monkeypatch.undo()
+    precision._probe.cache_clear()
+    assert isinstance(precision.bfloat16_convolutions_agree("cpu"), bool)
     assert precision.resolve_autocast_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is not second-guessed
     assert precision.resolve_autocast_dtype(None, "cpu") is None
     monkeypatch.undo()
@@ -547,7 +578,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     # segmentation's default precision "auto" resolves on this machine's CPU, and the card says what ran
-    assert card["autocast_dtype"] == ("bfloat16" if precision.native_bfloat16("cpu") else None)
+    assert card["autocast_dtype"] == precision.resolve_autocast_dtype("auto", "cpu")
     assert next(net.parameters()).dtype == torch.float32
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
@@ -623,3 +654,16 @@ def test_conditional_ce_class_balance_weights_the_layout_classes_by_the_cards_pr
     assert card["conditional_ce_class_balance"] == 1.0 and card["iterations"] == 1
     with pytest.raises(ValueError, match="conditional_ce_class_balance must be"):
         distiller("bad", conditional_ce_class_balance=-0.5)
+
+
+def test_precision_benchmark_records_the_processor_and_what_auto_chose(tmp_path):
+    from monai_fedkd.benchmarks import precision_step
+
+    assert precision_step.main(["--repeats", "1", "--docs", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results" / "precision_step.json").read_text())
+    # a speed-up is only meaningful with the processor it was measured on and what "auto" picks there
+    assert record["processor"] and record["auto_resolves_to"] == precision.resolve_autocast_dtype("auto", "cpu")
+    assert set(record["cases"]) == set(precision_step.CASES)
+    for case in record["cases"].values():
+        assert case["bfloat16_s"] > 0 and case["float32_s"] > 0 and len(case["bfloat16_all_s"]) == 1
+        assert case["speedup"] == pytest.approx(case["float32_s"] / case["bfloat16_s"])

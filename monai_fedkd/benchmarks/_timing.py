@@ -14,11 +14,23 @@ import torch
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
+def processor_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere): speed-ups differ between
+    processors of one architecture, e.g. with and without AMX."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def compare_variants(argv, description: str, cases: Mapping[str, dict], variants: Mapping[str, Callable[[dict, int], list[float]]],
-                     result_name: str) -> int:
+                     result_name: str, context: Mapping | None = None) -> int:
     """Time every case with each of two ``variants`` (``name -> time(case, repeats) -> seconds per repeat``) and write
     ``docs/results/<result_name>.json``: per case its medians ``<variant>_s``, all times ``<variant>_all_s`` and
-    ``speedup`` (the second variant's median over the first's)."""
+    ``speedup`` (the second variant's median over the first's); ``context`` adds facts about the machine."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--docs", type=Path, default=DOCS)
@@ -26,7 +38,8 @@ def compare_variants(argv, description: str, cases: Mapping[str, dict], variants
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     (first, time_first), (second, time_second) = variants.items()
-    results = {"repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "cases": {}}
+    results = {"repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+               "processor": processor_name(), **(context or {}), "cases": {}}
     for name, case in cases.items():
         a, b = time_first(case, args.repeats), time_second(case, args.repeats)
         results["cases"][name] = {**case, f"{first}_s": statistics.median(a), f"{second}_s": statistics.median(b),

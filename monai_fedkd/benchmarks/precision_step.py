@@ -22,7 +22,7 @@ import torch
 from monai_fedkd.benchmarks import generator_step
 from monai_fedkd.benchmarks._timing import compare_variants
 from monai_fedkd.networks import build_network
-from monai_fedkd.networks.precision import autocast
+from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
 
 # the site bundles' default networks for the 3D benchmarks, at central_distillation's batch and synthesis size
 CASES = {
@@ -56,7 +56,7 @@ def _time(case: dict, repeats: int, dtype: str | None, seed: int = 0) -> list[fl
 
 def main(argv=None) -> int:
     return compare_variants(argv, __doc__, CASES, {"bfloat16": lambda c, r: _time(c, r, "bfloat16"), "float32": lambda c, r: _time(c, r, None)},
-                            "precision_step")
+                            "precision_step", context={"auto_resolves_to": resolve_autocast_dtype("auto", "cpu")})
 
 
 if __name__ == "__main__":

@@ -704,7 +704,12 @@ class CentralDistillation:
                 x = self.generator(z, labels, self._prior)
             else:
                 x = self.generator(z, labels) if labels is not None else self.generator(z)
-        return x.float()  # what the sites and the losses see is float32, whatever the compute precision
+        x = x.float()  # what the sites and the losses see is float32, whatever the compute precision
+        if not torch.isfinite(x).all():
+            # the server's own failure: said here, before a site refuses the inputs and looks like the culprit
+            raise FloatingPointError(f"the generator produced non-finite inputs (it diverged; autocast_dtype {self.autocast_dtype}, "
+                                     f"generator_lr {self.g_optimizer.defaults['lr']}): lower generator_lr or set autocast_dtype null")
+        return x
 
     def _student_forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.autocast_dtype):
