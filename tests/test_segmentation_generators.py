@@ -16,7 +16,7 @@ from monai_fedkd.site.card import read_site_card
 pytestmark = pytest.mark.slow
 
 
-def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
+def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path, monkeypatch):
     require("ixi_hh", "t1")
     config = tmp_path / "tiny_seg.json"
     config.write_text(json.dumps({
@@ -43,8 +43,13 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path):
     threads = f"_{layout['torch_threads']}threads" if layout["torch_threads"] > 1 else ""
     assert (docs / "results" / "segmentation_generators" / "tiny_seg" / f"layout_3s_seed0{threads}_layout.png").is_file()
     assert "## 3D segmentation generators: tiny_seg" in (docs / "results.md").read_text()
-    # another variant run later (or by another process at the same time) adds its records and keeps the others
-    run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["layout_fg_student_augment"], docs=docs)
+    # another variant run later (or by another process at the same time) adds its records and keeps the others; a
+    # variant that fails does not stop the ones queued after it, and the run ends with an error that names it
+    monkeypatch.setitem(VARIANTS, "broken", ((), {"autocast_dtype": "float16"}))
+    with pytest.raises(RuntimeError, match=r"1 generator variant run\(s\) failed.*broken \(seed 0\)"):
+        run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), seconds=3.0, variants=["broken", "layout_fg_student_augment"], docs=docs)
+    (log,) = (tmp_path / "runs").rglob("generator_broken_3s_distillation.log")
+    assert "float16" in log.read_text() and not (log.parent / "generator_broken_3s" / "models" / "model.pt").exists()
     merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
     assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_fg_student_augment"])
     # the atlas check: leave-one-out layouts of every alignment and cell size, scored against the subject left out
