@@ -104,9 +104,14 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "layout_class_intensity_10_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                             "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16",
                                             "site_options#policy": {"atlas_align": "foreground"}}),
-    # the default (float32) with the generator's BasicUNet at twice the width (the library's default features)
+    # the default (float32) with the generator's BasicUNet at twice the width (the library's default features), alone
+    # and with the ninth round's class-balanced crops
     "layout_wide_generator": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                                    "generator_def#features": [16, 16, 32, 64, 128, 16], "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_wide_generator_balanced_crops": ((), {"layout_options#foreground_crop": 2 / 3, "layout_options#class_balanced_crops": True,
+                                                  "student_steps": 6, "weights#class_intensity": 10.0,
+                                                  "generator_def#features": [16, 16, 32, 64, 128, 16],
+                                                  "site_options#policy": {"atlas_align": "foreground"}}),
     # on top of the bfloat16 default: the wider generator, and the class-balanced crops of the ninth round in bfloat16
     # (on CPUs whose bfloat16 convolutions fail precision.bfloat16_convolutions_agree the generator diverges: the run stops)
     "layout_wide_generator_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
