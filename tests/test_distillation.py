@@ -472,7 +472,9 @@ def test_auto_precision_is_bfloat16_only_where_the_device_has_it_natively_and_ri
     assert "output off by" in precision._probe("cpu", 0.05)[1]
     monkeypatch.undo()
     precision._probe.cache_clear()
+    state = torch.random.get_rng_state()
     assert isinstance(precision.bfloat16_convolutions_agree("cpu"), bool)
+    assert torch.equal(torch.random.get_rng_state(), state), "the check must not move a seeded run's random stream"
     assert precision.resolve_autocast_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is not second-guessed
     assert precision.resolve_autocast_dtype(None, "cpu") is None
     monkeypatch.undo()

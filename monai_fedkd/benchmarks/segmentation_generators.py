@@ -37,6 +37,12 @@ CENTRE_ALIGNED = {"site_options#policy": {"atlas_align": "centre"}}
 # every variant measured before central_distillation 0.9.0 ran in float32; the bundle's "auto" precision would turn
 # them into bfloat16 variants on CPUs with AMX, so they pin float32 and the *_bf16 variants ask for bfloat16
 FLOAT32 = {"autocast_dtype": None, "site_options#autocast_dtype": None}
+BFLOAT16 = {"autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16"}
+# the segmentation default since the class intensity round, which the later variants change one thing of
+CLASS_INTENSITY_10 = {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
+                      "site_options#policy": {"atlas_align": "foreground"}}
+WIDE_GENERATOR = {"generator_def#features": [16, 16, 32, 64, 128, 16]}
+BALANCED_CROPS = {"layout_options#class_balanced_crops": True}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -101,27 +107,15 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
                                       "weights#class_gradient": 10.0, "site_options#policy": {"atlas_align": "foreground"}}),
     # the default with the generator's, the student's and the sites' forward passes in bfloat16 (autocast): the same
     # objective, more steps in the same wall time where the CPU (AMX) or GPU computes bfloat16 faster
-    "layout_class_intensity_10_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
-                                            "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16",
-                                            "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_class_intensity_10_bf16": ((), {**CLASS_INTENSITY_10, **BFLOAT16}),
     # the default (float32) with the generator's BasicUNet at twice the width (the library's default features), alone
     # and with the ninth round's class-balanced crops
-    "layout_wide_generator": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
-                                   "generator_def#features": [16, 16, 32, 64, 128, 16], "site_options#policy": {"atlas_align": "foreground"}}),
-    "layout_wide_generator_balanced_crops": ((), {"layout_options#foreground_crop": 2 / 3, "layout_options#class_balanced_crops": True,
-                                                  "student_steps": 6, "weights#class_intensity": 10.0,
-                                                  "generator_def#features": [16, 16, 32, 64, 128, 16],
-                                                  "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_wide_generator": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR}),
+    "layout_wide_generator_balanced_crops": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BALANCED_CROPS}),
     # on top of the bfloat16 default: the wider generator, and the class-balanced crops of the ninth round in bfloat16
     # (on CPUs whose bfloat16 convolutions fail precision.bfloat16_convolutions_agree the generator diverges: the run stops)
-    "layout_wide_generator_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
-                                        "generator_def#features": [16, 16, 32, 64, 128, 16],
-                                        "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16",
-                                        "site_options#policy": {"atlas_align": "foreground"}}),
-    "layout_class_balanced_crops_bf16": ((), {"layout_options#foreground_crop": 2 / 3, "layout_options#class_balanced_crops": True,
-                                              "student_steps": 6, "weights#class_intensity": 10.0,
-                                              "autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16",
-                                              "site_options#policy": {"atlas_align": "foreground"}}),
+    "layout_wide_generator_bf16": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BFLOAT16}),
+    "layout_class_balanced_crops_bf16": ((), {**CLASS_INTENSITY_10, **BALANCED_CROPS, **BFLOAT16}),
 }
 UPPER_BOUND = "real_inputs"
 

@@ -263,7 +263,8 @@ class CentralDistillation:
             the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
         autocast_dtype: ``"bfloat16"``: the generator's and the student's forward passes run under autocast (see
             :mod:`monai_fedkd.networks.precision`; outputs, losses, weights and optimizer states stay float32).
-            ``None``: float32 throughout. ``"auto"``: bfloat16 where the device computes it natively, else float32
+            ``None``: float32 throughout. ``"auto"``: bfloat16 where the device computes it natively and right
+            (:func:`~monai_fedkd.networks.precision.resolve_autocast_dtype`), else float32
             (the card records what ran). The sites choose their own precision (``site_options.autocast_dtype``).
         generator_iterations: train the generator for this many iterations only; later iterations sample it frozen
             and ask the sites forward-only queries (no input-gradient, no VJP, no discriminator update), whose

@@ -84,7 +84,7 @@ class QuerySite:
             simulations and benchmarks that play a site's decision; a deployed site writes ``site_policy.json``.
         autocast_dtype: ``"bfloat16"``: the site's network and discriminator run their forward passes under autocast
             (:mod:`monai_fedkd.networks.precision`); what the site releases is float32 either way. ``None``: float32.
-            ``"auto"``: bfloat16 where this site's device computes it natively, else float32.
+            ``"auto"``: bfloat16 where this site's device computes it natively and right, else float32.
     """
 
     # building the site (network, discriminator) must not move the caller's random state: the server's generator
