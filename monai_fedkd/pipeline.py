@@ -34,7 +34,10 @@ def _bundles_dir() -> Path:
 
 
 def _cli_value(value) -> str:
-    # monai.bundle run parses override values with fire, which reads Python literals (None, True, [..]), not JSON
+    # monai.bundle run parses override values with fire, which reads Python literals (True, [..]), not JSON; it drops a
+    # top-level None (update_kwargs ignores None), so None travels as the config expression "$None"
+    if value is None:
+        return "$None"
     return value if isinstance(value, str) else repr(value)
 
 

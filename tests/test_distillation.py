@@ -477,6 +477,10 @@ def test_auto_precision_is_bfloat16_only_where_the_device_has_it_natively_and_ri
     assert torch.equal(torch.random.get_rng_state(), state), "the check must not move a seeded run's random stream"
     assert precision.resolve_autocast_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is not second-guessed
     assert precision.resolve_autocast_dtype(None, "cpu") is None
+    # "float32" names full precision for command lines, which cannot pass None
+    assert precision.resolve_autocast_dtype("float32", "cpu") is None and QuerySite(cls_sites[1][0], autocast_dtype="float32").autocast_dtype is None
+    with precision.autocast("cpu", "float32"):
+        assert not torch.is_autocast_enabled("cpu")
     monkeypatch.undo()
     assert precision.native_bfloat16("meta") is False  # a device without a known bfloat16 unit stays float32
     assert isinstance(precision.native_bfloat16("cpu"), bool)

@@ -273,3 +273,23 @@ def test_inference_items_from_a_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(DatalistError, match="no image files"):
         inference_items(empty)
+
+
+def test_classification_postprocessing_keeps_labels_on_the_prediction_device():
+    """Decollating a batch turns a scalar label into a Python int; its one-hot must go back to the bundle's device, or
+    ROCAUC fails on a GPU with indices on two devices. "meta" stands in for a device other than the CPU."""
+    from monai.bundle import ConfigParser
+    from monai.data import decollate_batch
+
+    from conftest import ROOT
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "site_classification" / "configs" / "train.json"))
+    parser["device"] = "$torch.device('meta')"
+    post = parser.get_parsed_content("validate#postprocessing")
+    batch = {"pred": torch.rand(3, 2, device="meta"), "label": torch.tensor([0, 1, 1])}
+    for item in decollate_batch(batch):
+        assert isinstance(item["label"], int)  # what the evaluator's postprocessing receives, whatever the batch's device
+        out = post(item)
+        assert out["label"].device.type == "meta" and out["pred"].device.type == "meta"
+        assert tuple(out["label"].shape) == (2,)

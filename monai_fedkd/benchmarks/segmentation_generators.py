@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 # the sites' atlas policy of the runs before atlas_align existed (played by the benchmark, as the sites' decision)
 CENTRE_ALIGNED = {"site_options#policy": {"atlas_align": "centre"}}
 # every variant measured before central_distillation 0.9.0 ran in float32; the bundle's "auto" precision would turn
-# them into bfloat16 variants on CPUs with AMX, so they pin float32 and the *_bf16 variants ask for bfloat16
-FLOAT32 = {"autocast_dtype": None, "site_options#autocast_dtype": None}
+# them into bfloat16 variants on CPUs with AMX, so they pin float32 and the *_bf16 variants ask for bfloat16. The pin
+# is the name "float32": until 2026-12-04 it was None, which the bundle command line drops, so those runs got "auto"
+# (float32 on the EPYC, whose bfloat16 check fails; the card records what ran)
+FLOAT32 = {"autocast_dtype": "float32", "site_options#autocast_dtype": "float32"}
 BFLOAT16 = {"autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16"}
 # the segmentation default since the class intensity round, which the later variants change one thing of
 CLASS_INTENSITY_10 = {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,

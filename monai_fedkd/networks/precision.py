@@ -30,10 +30,14 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 def check_autocast_dtype(dtype: str | None) -> str | None:
-    """``dtype`` if it is a supported autocast dtype name or ``None`` (full float32); a clear error otherwise."""
-    if dtype is None or dtype in AUTOCAST_DTYPES:
+    """``dtype`` if it is a supported autocast dtype name, ``None`` for full float32 (``None`` or ``"float32"``: a
+    ``monai.bundle run`` command line drops ``--key None`` overrides, so float32 needs a name there); a clear error
+    otherwise."""
+    if dtype is None or dtype == "float32":
+        return None
+    if dtype in AUTOCAST_DTYPES:
         return dtype
-    raise ValueError(f"autocast_dtype must be None (float32), 'auto' or one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r} "
+    raise ValueError(f"autocast_dtype must be None or 'float32' (no autocast), 'auto' or one of {sorted(AUTOCAST_DTYPES)}, got {dtype!r} "
                      "(float16 would need loss scaling, which the distillation does not do)")
 
 
@@ -97,13 +101,15 @@ def resolve_autocast_dtype(dtype: str | None, device: torch.device | str) -> str
     :func:`bfloat16_convolutions_agree`, else ``None``; other values are checked by :func:`check_autocast_dtype`."""
     if dtype == "auto":
         return "bfloat16" if native_bfloat16(device) and bfloat16_convolutions_agree(device) else None
-    if check_autocast_dtype(dtype) == "bfloat16":
+    dtype = check_autocast_dtype(dtype)
+    if dtype == "bfloat16":
         bfloat16_convolutions_agree(device)  # an explicit choice stands; where the check fails, its warning says why
     return dtype
 
 
 def autocast(device: torch.device | str, dtype: str | None):
     """A ``torch.autocast`` context for ``dtype`` on ``device``'s type, or a no-op context for ``None``."""
-    if check_autocast_dtype(dtype) is None:
+    dtype = check_autocast_dtype(dtype)
+    if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[dtype])

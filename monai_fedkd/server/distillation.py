@@ -709,7 +709,7 @@ class CentralDistillation:
         if not torch.isfinite(x).all():
             # the server's own failure: said here, before a site refuses the inputs and looks like the culprit
             raise FloatingPointError(f"the generator produced non-finite inputs (it diverged; autocast_dtype {self.autocast_dtype}, "
-                                     f"generator_lr {self.g_optimizer.defaults['lr']}): lower generator_lr or set autocast_dtype null")
+                                     f"generator_lr {self.g_optimizer.defaults['lr']}): lower generator_lr or set autocast_dtype float32")
         return x
 
     def _student_forward(self, x: torch.Tensor) -> torch.Tensor:
