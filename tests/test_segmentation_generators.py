@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
-from monai_fedkd.benchmarks.segmentation_generators import UPPER_BOUND, VARIANTS, atlas_layout_match, run
+from monai_fedkd.benchmarks.segmentation_generators import NARROW_GENERATOR, UPPER_BOUND, VARIANTS, atlas_layout_match, run
 from monai_fedkd.benchmarks.suite import load_config, prepare_sites
 from monai_fedkd.site.card import read_site_card
 
@@ -37,6 +37,9 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path, monkeypat
         assert 0.0 <= r["validation"]["mean_dice"] <= 1.0, "variants are chosen on the sites' validation splits"
         assert len(r["sites_sha256"]) == 64
     layout = next(r for r in written["runs"] if r["variant"] == "layout")
+    # the layout variants keep the generator width they were measured with, whatever the bundle's default is now
+    card = json.loads((tmp_path / "runs" / "tiny_seg" / "seed0" / "generator_layout_3s" / "central_card.json").read_text())
+    assert card["generator_def"]["features"] == NARROW_GENERATOR["generator_def#features"]
     assert 0.0 <= layout["generator/layout_agreement"] <= 1.0
     # the budget is wall time: a run's thread count is recorded, and montages of more than one thread say so
     assert layout["torch_threads"] >= 1

@@ -44,6 +44,9 @@ BFLOAT16 = {"autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat
 CLASS_INTENSITY_10 = {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                       "site_options#policy": {"atlas_align": "foreground"}}
 WIDE_GENERATOR = {"generator_def#features": [16, 16, 32, 64, 128, 16]}
+# the layout generator's width of every variant measured before central_distillation 0.10.0 made WIDE_GENERATOR the
+# default: the layout-generator variants pin it, so that their commands still reproduce them
+NARROW_GENERATOR = {"generator_def#features": [8, 8, 16, 32, 64, 8]}
 BALANCED_CROPS = {"layout_options#class_balanced_crops": True}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
@@ -230,9 +233,10 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                     model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed)
                 else:
                     extra, overrides = VARIANTS[v]
+                    pinned = {**FLOAT32, **({} if extra else NARROW_GENERATOR)}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                                 {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
-                                                 "montage_interval": 1_000_000, **FLOAT32, **overrides}, name=name, extra_configs=extra)
+                                                 "montage_interval": 1_000_000, **pinned, **overrides}, name=name, extra_configs=extra)
             except Exception as e:  # a queue of hour-long variants goes on past one that fails; the run says so at the end
                 logger.error("variant %s failed on seed %d; the others go on: %s", v, seed, e)
                 failed.append(f"{v} (seed {seed}): {str(e).splitlines()[0]}")
