@@ -113,7 +113,8 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # the default with the generator's, the student's and the sites' forward passes in bfloat16 (autocast): the same
     # objective, more steps in the same wall time where the CPU (AMX) or GPU computes bfloat16 faster
     "layout_class_intensity_10_bf16": ((), {**CLASS_INTENSITY_10, **BFLOAT16}),
-    # the default (float32) with the generator's BasicUNet at twice the width (the library's default features), alone
+    # the class intensity default (float32) with the generator's BasicUNet at twice the width (LayoutGenerator's own
+    # default, and the bundle's since central_distillation 0.10.0), alone
     # and with the ninth round's class-balanced crops
     "layout_wide_generator": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR}),
     "layout_wide_generator_balanced_crops": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BALANCED_CROPS}),
