@@ -118,6 +118,8 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # and with the ninth round's class-balanced crops
     "layout_wide_generator": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR}),
     "layout_wide_generator_balanced_crops": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BALANCED_CROPS}),
+    # the generator at MONAI's BasicUNet default width (four times the old default's, twice the new one's)
+    "layout_widest_generator": ((), {**CLASS_INTENSITY_10, "generator_def#features": [32, 32, 64, 128, 256, 32]}),
     # on top of the bfloat16 default: the wider generator, and the class-balanced crops of the ninth round in bfloat16
     # (on CPUs whose bfloat16 convolutions fail precision.bfloat16_convolutions_agree the generator diverges: the run stops)
     "layout_wide_generator_bf16": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BFLOAT16}),
