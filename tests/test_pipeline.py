@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
@@ -30,14 +32,10 @@ def test_a_failing_child_raises_with_its_exit_code_and_log(tmp_path):
 
 def test_a_none_override_reaches_the_bundle_config(tmp_path):
     """``monai.bundle run`` drops a top-level ``--key None``; the pipeline's command line must still set None."""
-    import json
-
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"value": "default", "kept": 1, "run": ["$print('VALUE=' + repr(@value) + ' KEPT=' + repr(@kept))"]}))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config)]
     cmd += ["--value", pipeline._cli_value(None), "--kept", pipeline._cli_value(2)]
-    import subprocess
-
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "VALUE=None KEPT=2" in proc.stdout

@@ -40,7 +40,8 @@ CENTRE_ALIGNED = {"site_options#policy": {"atlas_align": "centre"}}
 # (float32 on the EPYC, whose bfloat16 check fails; the card records what ran)
 FLOAT32 = {"autocast_dtype": "float32", "site_options#autocast_dtype": "float32"}
 BFLOAT16 = {"autocast_dtype": "bfloat16", "site_options#autocast_dtype": "bfloat16"}
-# the segmentation default since the class intensity round, which the later variants change one thing of
+# the segmentation default from the class intensity round to central_distillation 0.10.0 (then with NARROW_GENERATOR's
+# width), which the later variants change one thing of
 CLASS_INTENSITY_10 = {"layout_options#foreground_crop": 2 / 3, "student_steps": 6, "weights#class_intensity": 10.0,
                       "site_options#policy": {"atlas_align": "foreground"}}
 WIDE_GENERATOR = {"generator_def#features": [16, 16, 32, 64, 128, 16]}
