@@ -673,3 +673,26 @@ def test_precision_benchmark_records_the_processor_and_what_auto_chose(tmp_path)
     for case in record["cases"].values():
         assert case["bfloat16_s"] > 0 and case["float32_s"] > 0 and len(case["bfloat16_all_s"]) == 1
         assert case["speedup"] == pytest.approx(case["float32_s"] / case["bfloat16_s"])
+
+
+def test_segmentation_synthesizes_at_the_sites_patch_size_and_warns_otherwise():
+    """The sites label the server's patches with networks trained on patches of their card's size; the segmentation
+    default synthesizes that size (any size, anisotropic too), and a smaller one is named per site."""
+    from monai.bundle import ConfigParser
+
+    from monai_fedkd.pipeline import BUNDLES_DIR
+    from monai_fedkd.server.distillation import sites_trained_on_other_patches
+
+    root = BUNDLES_DIR / "central_distillation" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
+    parser["spatial_size"] = [48, 40, 24]
+    assert parser.get_parsed_content("synthesis_size") == [48, 40, 24]
+
+    def card(size, task="segmentation"):
+        return {"task": task, "input": {"spatial_size": size}}
+
+    cards = {"a": card([48, 40, 24]), "b": card([32, 32, 32]), "c": card([48, 40, 24])}
+    assert sites_trained_on_other_patches(cards, [48, 40, 24]) == {"b": [32, 32, 32]}
+    assert sites_trained_on_other_patches(cards, (32, 32, 32)) == {"a": [48, 40, 24], "c": [48, 40, 24]}
+    assert sites_trained_on_other_patches({"k": card([28, 28], "classification")}, [32, 32]) == {}

@@ -49,6 +49,10 @@ WIDE_GENERATOR = {"generator_def#features": [16, 16, 32, 64, 128, 16]}
 # default: the layout-generator variants pin it, so that their commands still reproduce them
 NARROW_GENERATOR = {"generator_def#features": [8, 8, 16, 32, 64, 8]}
 BALANCED_CROPS = {"layout_options#class_balanced_crops": True}
+# the synthesis size of every variant measured before central_distillation 0.11.0 made the sites' own patch size the
+# default: 32 voxels a side or the sites' patch, whichever is smaller (pinned like NARROW_GENERATOR)
+PATCH_32 = {"synthesis_size": "$[min(int(s), 32) for s in @spatial_size]"}
+SITE_PATCH_SIZE = {"synthesis_size": "$[int(s) for s in @spatial_size]"}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -125,13 +129,21 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # (on CPUs whose bfloat16 convolutions fail precision.bfloat16_convolutions_agree the generator diverges: the run stops)
     "layout_wide_generator_bf16": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **BFLOAT16}),
     "layout_class_balanced_crops_bf16": ((), {**CLASS_INTENSITY_10, **BALANCED_CROPS, **BFLOAT16}),
+    # the wider generator synthesizing at the sites' own training patch size instead of 32 voxels a side: the sites
+    # were trained on patches of that size with instance norm, and answer a smaller window far worse (IXI's sites
+    # score 0.16 mean Dice through 32^3 sliding windows against 0.59 through their own 48^3)
+    "layout_site_patch_size": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE}),
 }
 UPPER_BOUND = "real_inputs"
+# name -> overrides of the bundle config: the real-input bounds, the bundle's student on the sites' real patches of
+# the size the data-free runs of that time synthesized (32^3 until central_distillation 0.11.0, then the sites' own)
+UPPER_BOUNDS = {UPPER_BOUND: PATCH_32, "real_inputs_site_patch_size": SITE_PATCH_SIZE}
 
 
-def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, seed: int) -> Path:
+def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, seed: int, overrides: dict | None = None) -> Path:
     """The bundle's student, cache and distillation loss on the sites' real training patches labelled by the
-    site ensemble, for ``seconds``; its card (role ``real_input_bound``) names the student and says it is not data-free."""
+    site ensemble, for ``seconds``; its card (role ``real_input_bound``) names the student and says it is not data-free.
+    ``overrides`` change the bundle config (such as ``synthesis_size``, the size of the real patches)."""
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
@@ -147,7 +159,7 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
     parser = ConfigParser()
     parser.read_config([str(root / "train.json"), str(root / "segmentation.json")])
     # the bound trains on the sites' real patches: they load them whatever the data-free default says
-    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True, **FLOAT32})
+    parser.update({"sites": str(sites_json), "output_dir": str(output_dir), "seed": seed, "with_real_images": True, **FLOAT32, **(overrides or {})})
     cfg = {k: parser.get_parsed_content(k) for k in ("batch_size", "student_batch_size", "student_steps", "student_lr", "cache_size", "ema_decay", "ema_warmup",
                                                      "student_dice_weight", "student_lr_schedule")}
     transport, student = parser.get_parsed_content("transport"), parser.get_parsed_content("student_def")
@@ -181,7 +193,8 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
     template = {**cards[names[0]], "network_def": network_definition(student), "seed": seed, "iterations": step, "max_seconds": seconds,
                 "upper_bound": "student distilled on the sites' real training patches (not data-free)"}
     write_global_model(ema.model.state_dict(), template, output_dir, "real_input_bound",
-                       {"sites": names, "batch_size": cfg["batch_size"], "student_steps": cfg["student_steps"], "student_lr": cfg["student_lr"]})
+                       {"sites": names, "batch_size": cfg["batch_size"], "student_steps": cfg["student_steps"], "student_lr": cfg["student_lr"],
+                        "synthesis_size": [int(s) for s in size]})
     return output_dir
 
 
@@ -211,9 +224,9 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         docs: Path | None = DOCS, reuse: bool = False) -> dict:
     cfg = load_config(benchmark)
     variants = list(variants or VARIANTS)
-    unknown = sorted(set(variants) - set(VARIANTS) - {UPPER_BOUND})
+    unknown = sorted(set(variants) - set(VARIANTS) - set(UPPER_BOUNDS))
     if unknown:
-        raise ValueError(f"unknown generator variants {unknown}; known: {[*VARIANTS, UPPER_BOUND]}")
+        raise ValueError(f"unknown generator variants {unknown}; known: {[*VARIANTS, *UPPER_BOUNDS]}")
     out_json = None if docs is None else Path(docs) / "results" / f"segmentation_generators_{cfg['name']}.json"
     results = {"benchmark": cfg["name"], "seconds_per_variant": seconds, "variants": {v: {"configs": list(VARIANTS[v][0]), "overrides": VARIANTS[v][1]}
                                                                                         for v in variants if v in VARIANTS}, "runs": []}
@@ -233,11 +246,11 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 built[v] = (run_dir / name, None, card)
                 continue
             try:
-                if v == UPPER_BOUND:
-                    model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed)
+                if v in UPPER_BOUNDS:
+                    model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v])
                 else:
                     extra, overrides = VARIANTS[v]
-                    pinned = {**FLOAT32, **({} if extra else NARROW_GENERATOR)}  # extra configs bring another generator
+                    pinned = {**FLOAT32, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                                 {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
                                                  "montage_interval": 1_000_000, **pinned, **overrides}, name=name, extra_configs=extra)
@@ -435,7 +448,7 @@ def write_markdown(results: dict, page: Path) -> None:
     name = results["benchmark"]
     mean, fmt = _mean, _fmt
     current = {r["seed"]: r.get("sites_sha256") for r in results["runs"]}  # records are in the order they were made
-    current.update({r["seed"]: r.get("sites_sha256") for r in results["runs"] if r["variant"] != UPPER_BOUND})
+    current.update({r["seed"]: r.get("sites_sha256") for r in results["runs"] if r["variant"] not in UPPER_BOUNDS})
     now = [r for r in results["runs"] if r.get("sites_sha256") == current[r["seed"]]]
     earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
@@ -485,7 +498,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="runs/bench")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--seconds", type=float, default=600.0, help="distillation wall-time budget per variant")
-    parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {UPPER_BOUND}")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {list(UPPER_BOUNDS)}")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--reuse", action="store_true", help="keep variants already built under the same budget")
     parser.add_argument("--atlas-match", action="store_true", help="only score layouts of the sites' atlas against held-out "
