@@ -598,6 +598,12 @@ def test_bundle_3d_segmentation_unconditional(seg_sites, tmp_path):
     refused = run_bundle("central_distillation", ["train.json", "segmentation.json"], {"sites": sites, "output_dir": str(out), **small})
     assert refused.returncode != 0 and "shares one" in refused.stdout + refused.stderr
     assert not (out / "models" / "model.pt").exists()
+    # a student whose five halvings do not divide the sites' 16^3 patch is refused before any site is asked
+    unfit = run_bundle("central_distillation", ["train.json", "segmentation.json", "segmentation_unconditional.json"],
+                       {"sites": sites, "output_dir": str(out), **small, "student_def#channels": [4, 4, 4, 4, 4, 4],
+                        "student_def#strides": [2, 2, 2, 2, 2]})
+    assert unfit.returncode != 0 and "cannot segment patches of [16, 16, 16] voxels" in unfit.stdout + unfit.stderr
+    assert not (out / "models" / "model.pt").exists()
     _ok(run_bundle("central_distillation", ["train.json", "segmentation.json", "segmentation_unconditional.json"],
                    {"sites": sites, "output_dir": str(out), "generator_def#base_channels": 8, **small}))
     net, card = load_site_model(out)

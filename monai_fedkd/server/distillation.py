@@ -416,6 +416,7 @@ class CentralDistillation:
                 logger.warning("the generator synthesizes patches of %s voxels, and sites %s were trained on other patch sizes: "
                                "networks with instance normalisation label other window sizes worse (set synthesis_size to "
                                "their patch size)", list(generator.spatial_size), other)
+            self._check_student_segments(list(generator.spatial_size))
         self.conditional = getattr(generator, "num_classes", None) is not None and self.task == "classification"
         self.terms = {
             "conditional_ce": ConditionalCrossEntropyLoss(weight=self.weights["conditional_ce"]),
@@ -459,6 +460,23 @@ class CentralDistillation:
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
         self.timing = {"server_s": 0.0, "generator_s": 0.0, "student_s": 0.0, "prior_warmup_s": 0.0}
+
+    def _check_student_segments(self, size: list[int]) -> None:
+        """The student learns from the synthesized patches and is later run through sliding windows of the sites'
+        patch size: refuse before any site is asked when it cannot map such a patch to a voxel-wise answer."""
+        expected = (1, self.num_classes, *size)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                shape = tuple(self.student(torch.zeros(1, self.spec["channels"], *size, device=self.device)).shape)
+        except (RuntimeError, ValueError) as e:  # torch raises either for a size that does not fit
+            raise ValueError(f"the student ({type(self.student).__name__}) cannot segment patches of {size} voxels, the "
+                             f"synthesis_size: {str(e).splitlines()[0]} (choose student_def strides that divide it)") from e
+        finally:
+            self.student.train(was_training)
+        if shape != expected:
+            raise ValueError(f"the student maps a patch of {size} voxels to shape {shape}, expected {expected}")
 
     def _layout_sampler(self, options: Mapping | None) -> LayoutSampler:
         """Layouts from the atlases the sites chose to share (their policy); refuses when none does."""
