@@ -702,3 +702,68 @@ def test_segmentation_synthesizes_at_the_sites_patch_size_and_warns_otherwise():
     assert sites_trained_on_other_patches(cards, [48, 40, 24]) == {"b": [32, 32, 32]}
     assert sites_trained_on_other_patches(cards, (32, 32, 32)) == {"a": [48, 40, 24], "c": [48, 40, 24]}
     assert sites_trained_on_other_patches({"k": card([28, 28], "classification")}, [32, 32]) == {}
+
+
+@pytest.fixture(scope="module")
+def seg2d_sites(ixi_dir, tmp_path_factory):
+    """Two 2D segmentation sites trained on the middle axial slice of each prepared IXI volume, stored as 2D NIfTI."""
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("seg2d_sites")
+    datalist = {}
+    for split, items in json.loads((ixi_dir / "datalist.json").read_text()).items():
+        datalist[split] = []
+        for i, item in enumerate(items):
+            entry = {}
+            for key in ("image", "label"):
+                volume = nib.load(str(ixi_dir / item[key]))
+                zooms = volume.header.get_zooms()
+                plane = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
+                path = root / f"{split}{i}_{key}.nii.gz"
+                nib.save(nib.Nifti1Image(np.ascontiguousarray(plane), np.diag([zooms[0], zooms[1], 1.0, 1.0])), str(path))
+                entry[key] = str(path)
+            datalist[split].append(entry)
+    datalist_file = root / "datalist.json"
+    datalist_file.write_text(json.dumps(datalist))
+    bundle, overrides = dataset_overrides({**dataset_info(ixi_dir), "spatial_dims": 2})
+    small = {"spacing": [4.0, 4.0], "spatial_size": [32, 32], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
+             "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2]}
+    entries = []
+    for k in range(2):
+        d = root / f"slices{k}"
+        _ok(run_bundle(bundle, "train.json", {"datalist": str(datalist_file), "output_dir": str(d), "seed": k, **overrides, **small}))
+        (d / "site_policy.json").write_text(json.dumps({"atlas_min_subjects": 1}))  # 2 training subjects per tiny site
+        entries.append((d, datalist_file))
+    return entries
+
+
+def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
+    """The segmentation default on 2D sites: 2D atlases and layouts, a 2D layout generator at the sites' patch size, a
+    2D student; the evaluation bundle scores it beside the sites."""
+    from monai_fedkd.pipeline import bundle_command, run_logged
+
+    out = tmp_path / "central"
+    _ok(run_bundle("central_distillation", ["train.json", "segmentation.json"],
+                   {"sites": str(_sites_json(tmp_path / "sites.json", seg2d_sites)), "output_dir": str(out), "iterations": 2,
+                    "batch_size": 2, "student_batch_size": 2, "generator_def#features": [4, 4, 8, 8, 8, 4],
+                    "student_def#channels": [8, 16, 32], "student_def#strides": [2, 2]}))
+    net, card = load_site_model(out)
+    assert card["spatial_dims"] == 2 and card["input"]["spatial_size"] == [32, 32]
+    assert card["generator_def"]["name"].endswith("LayoutGenerator") and card["generator_def"]["spatial_dims"] == 2
+    assert card["generator_def"]["spatial_size"] == [32, 32], "synthesis at the sites' own 2D patch"
+    assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg2d_sites)
+    assert all(len(a["spatial_size"]) == 2 and a["subjects"] == 2 for a in card["layouts"]["atlas"].values())
+    assert net(torch.rand(1, 1, 32, 32)).shape == (1, 6, 32, 32)
+    assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
+
+    evaluation = tmp_path / "eval"
+    models = [str(d) for d, _ in seg2d_sites]
+    run_logged(bundle_command("evaluation", "evaluate.json", {"models": models, "extra_models": {"central": str(out)},
+                                                              "test_datalists": [str(seg2d_sites[0][1])], "output_dir": str(evaluation)}),
+               tmp_path / "eval.log", "evaluation")
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    for model in ("central", "ensemble_weighted"):
+        scores = metrics[model]["datalist"]  # the test set is named by its file's stem
+        assert scores["n"] == 2 and 0.0 <= scores["mean_dice"] <= 1.0
+        assert set(scores["dice"]) == {"lateral_ventricles", "thalamus", "caudate", "putamen", "hippocampus"}
