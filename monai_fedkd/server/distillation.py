@@ -130,8 +130,9 @@ def sites_trained_on_other_patches(cards: Mapping[str, Mapping], size) -> dict[s
     the server synthesizes: name -> their patch. Networks with instance normalisation answer windows of another size
     much worse (IXI's sites: mean Dice 0.16 through 32^3 windows against 0.59 through their own 48^3), so the
     ensemble's labels on such patches are worse than the sites' knowledge."""
+    size = [int(s) for s in size]
     patches = {n: [int(s) for s in c["input"]["spatial_size"]] for n, c in cards.items() if c["task"] == "segmentation"}
-    return {n: p for n, p in patches.items() if p != [int(s) for s in size]}
+    return {n: p for n, p in patches.items() if p != size}
 
 
 class SampleCache:
