@@ -57,6 +57,16 @@ def ixi_dir(tmp_path_factory) -> Path:
     return Path(prepare_dataset("ixi", out, mirror=SHARED_DATA, max_per_split=2)).parent
 
 
+@pytest.fixture(scope="session")
+def ixi_axial_dir(tmp_path_factory) -> Path:
+    """IXI as 2D segmentation: one axial slice per subject (``ixi_axial``)."""
+    from monai_fedkd.data.prepare import prepare_dataset
+
+    require("ixi_hh", "t1")
+    out = tmp_path_factory.mktemp("prepared")
+    return Path(prepare_dataset("ixi_axial", out, mirror=SHARED_DATA, max_per_split=2)).parent
+
+
 def dataset_info(folder: Path) -> dict:
     return json.loads((folder / "dataset_info.json").read_text())
 

@@ -705,28 +705,11 @@ def test_segmentation_synthesizes_at_the_sites_patch_size_and_warns_otherwise():
 
 
 @pytest.fixture(scope="module")
-def seg2d_sites(ixi_dir, tmp_path_factory):
-    """Two 2D segmentation sites trained on the middle axial slice of each prepared IXI volume, stored as 2D NIfTI."""
-    import nibabel as nib
-    import numpy as np
-
+def seg2d_sites(ixi_axial_dir, tmp_path_factory):
+    """Two 2D segmentation sites trained on IXI's axial slices (``ixi_axial``: 2D NIfTI)."""
     root = tmp_path_factory.mktemp("seg2d_sites")
-    datalist = {}
-    for split, items in json.loads((ixi_dir / "datalist.json").read_text()).items():
-        datalist[split] = []
-        for i, item in enumerate(items):
-            entry = {}
-            for key in ("image", "label"):
-                volume = nib.load(str(ixi_dir / item[key]))
-                zooms = volume.header.get_zooms()
-                plane = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
-                path = root / f"{split}{i}_{key}.nii.gz"
-                nib.save(nib.Nifti1Image(np.ascontiguousarray(plane), np.diag([zooms[0], zooms[1], 1.0, 1.0])), str(path))
-                entry[key] = str(path)
-            datalist[split].append(entry)
-    datalist_file = root / "datalist.json"
-    datalist_file.write_text(json.dumps(datalist))
-    bundle, overrides = dataset_overrides({**dataset_info(ixi_dir), "spatial_dims": 2})
+    datalist_file = ixi_axial_dir / "datalist.json"
+    bundle, overrides = dataset_overrides(dataset_info(ixi_axial_dir))
     small = {"spacing": [4.0, 4.0], "spatial_size": [32, 32], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
              "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2]}
     entries = []
@@ -752,7 +735,7 @@ def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
     assert card["generator_def"]["spatial_size"] == [32, 32], "synthesis at the sites' own 2D patch"
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg2d_sites)
     assert all(len(a["spatial_size"]) == 2 and a["subjects"] == 2 for a in card["layouts"]["atlas"].values())
-    assert net(torch.rand(1, 1, 32, 32)).shape == (1, 6, 32, 32)
+    assert net(torch.rand(1, 1, 32, 32)).shape == (1, card["classes"]["num_classes"], 32, 32)
     assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
 
     evaluation = tmp_path / "eval"

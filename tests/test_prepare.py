@@ -55,7 +55,7 @@ def _loader(keys):
 
 
 def test_api_constants():
-    assert DATASETS == ("pneumoniamnist", "adrenalmnist3d", "adrenalmnist3d_64", "ixi")
+    assert DATASETS == ("pneumoniamnist", "adrenalmnist3d", "adrenalmnist3d_64", "ixi", "ixi_axial")
     assert issubclass(DatasetNotFoundError, FileNotFoundError)
     assert issubclass(ChecksumError, RuntimeError)
 
@@ -351,6 +351,43 @@ def test_ixi_from_mirror(tmp_path):
     assert prepare._split_subjects(sorted(full["training"]), (1, 1, 1), 1) != prepare._split_subjects(
         sorted(full["training"]), (1, 1, 1), 2
     )
+
+
+@needs_ixi
+def test_ixi_axial_slices(tmp_path):
+    """ixi_axial: the same subjects and split as ixi, one 2D axial slice each through the centre of its structures,
+    placed in the world where it lies in the volume; the sample script's --plane asks for it."""
+    import nibabel as nib
+    from monai.data import load_decathlon_datalist
+
+    volumes = prepare_dataset("ixi", tmp_path / "3d", mirror=SHARED_DATA, max_per_split=2)
+    code = subprocess.run([sys.executable, str(PROJECT_ROOT / "sample_data_scripts" / "prepare_ixi.py"), "--plane", "axial",
+                           "--output", str(tmp_path / "2d"), "--mirror", str(SHARED_DATA), "--max-per-split", "2"],
+                          capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    datalist = tmp_path / "2d" / "ixi_axial" / "datalist.json"
+    info = json.loads((datalist.parent / "dataset_info.json").read_text())
+    assert info["name"] == "ixi_axial" and info["spatial_dims"] == 2 and info["task"] == "segmentation"
+    assert info["spacing"] == [2.0, 2.0] and len(info["spatial_size"]) == 2 and info["parameters"]["slice_axis"] == 2
+    three = json.loads((tmp_path / "3d" / "ixi" / "dataset_info.json").read_text())
+    assert info["class_names"] == [c for c in three["class_names"] if c != "hippocampus"] and info["counts"] == three["counts"]
+    load = _loader(["image", "label"])
+    for key in ("training", "validation", "test"):
+        slices = load_decathlon_datalist(str(datalist), is_segmentation=True, data_list_key=key)
+        whole = load_decathlon_datalist(str(volumes), is_segmentation=True, data_list_key=key)
+        assert [s["subject"] for s in slices] == [w["subject"] for w in whole], "same subjects in the same splits"
+        for s, w in zip(slices, whole):
+            image, label = nib.as_closest_canonical(nib.load(w["image"])), nib.as_closest_canonical(nib.load(w["label"]))
+            labels = np.asarray(label.dataobj) * (np.asarray(label.dataobj) != 5)  # the hippocampus is not an axial class
+            assert s["slice"] == round(float(np.nonzero(labels)[2].mean())), "through the structures' centre"
+            np.testing.assert_array_equal(np.asarray(nib.load(s["label"]).dataobj), labels[:, :, s["slice"]])
+            np.testing.assert_allclose(np.asarray(nib.load(s["image"]).dataobj), np.asarray(image.dataobj)[:, :, s["slice"]], rtol=1e-6)
+            # voxel (i, j) of the slice is where voxel (i, j, slice) of the volume is
+            world = nib.load(s["image"]).affine @ np.array([3.0, 5.0, 0.0, 1.0])
+            np.testing.assert_allclose(world, image.affine @ np.array([3.0, 5.0, s["slice"], 1.0]), atol=1e-4)
+            data = load(s)
+            assert data["image"].shape == data["label"].shape == (1, *info["spatial_size"])
+            assert (data["label"] > 0).any()
 
 
 @needs_ixi

@@ -235,6 +235,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         run_dir, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         if info["task"] != "segmentation":
             raise ValueError(f"benchmark {cfg['name']} is {info['task']}; this compares segmentation generators")
+        results["spatial_dims"] = info["spatial_dims"]
         sites_sha256 = sites_checksum(site_dirs)
         elsewhere = _published_on_other_sites(out_json, sites_sha256)  # their montages keep their names
         built = {}
@@ -453,7 +454,7 @@ def write_markdown(results: dict, page: Path) -> None:
     earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
     by_variant = _by_variant(now, results["seconds_per_variant"])
-    lines = [MARK_START.format(name), f"## 3D segmentation generators: {name}", "",
+    lines = [MARK_START.format(name), f"## {results.get('spatial_dims', 3)}D segmentation generators: {name}", "",
              "Pooled Dice of the central model per generator variant and distillation budget, one table per seed (each seed's "
              "current site models, the same for every row of its table): on the sites' validation splits (what variants are chosen "
              "by) and on their test splits (reported, never chosen by), with the test Dice per foreground class."]

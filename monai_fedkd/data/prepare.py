@@ -8,6 +8,9 @@ Supported datasets (``DATASETS``):
 * ``adrenalmnist3d_64``   the same at 64^3.
 * ``ixi``                 IXI T1 brain MRI with DLMUSE region maps merged into a few classes, 3D
                           segmentation (NIfTI). Needs a local mirror (see ``prepare_ixi``).
+* ``ixi_axial``           the same subjects and splits as 2D segmentation: one axial slice per subject (2D
+                          NIfTI), the one through the centre of its labelled structures; by default the
+                          classes without the hippocampus, which few such slices show.
 
 Output layout, ``<output_dir>/<name>/``::
 
@@ -71,7 +74,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("pneumoniamnist", "adrenalmnist3d", "adrenalmnist3d_64", "ixi")
+DATASETS = ("pneumoniamnist", "adrenalmnist3d", "adrenalmnist3d_64", "ixi", "ixi_axial")
+#: the 2D IXI datasets: name -> the anatomical axis (RAS: 0 sagittal, 1 coronal, 2 axial) a slice is taken across
+IXI_PLANES = {"ixi_axial": 2}
 
 #: Bumped when the output layout changes, so older prepared folders are rebuilt.
 LAYOUT_VERSION = 1
@@ -141,6 +146,9 @@ DEFAULT_IXI_CLASSES: dict[str, list[int]] = {
     "putamen": [57, 58],
     "hippocampus": [47, 48],
 }
+#: the 2D IXI datasets' default: the structures an axial slice through the basal ganglia shows (the hippocampus lies
+#: below them, and shows in few such slices, a few voxels of its tail)
+DEFAULT_IXI_AXIAL_CLASSES = {k: v for k, v in DEFAULT_IXI_CLASSES.items() if k != "hippocampus"}
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 #: how many training volumes are pooled to estimate the IXI intensity range (0.5 / 99.5 percentiles)
 IXI_INTENSITY_SAMPLES = 5
@@ -656,13 +664,14 @@ def _prepare_ixi(
     seed: int,
     classes: str | Mapping[str, Sequence[int]] | None = None,
     split_fractions: Sequence[float] | None = None,
+    name: str = "ixi",
 ) -> Path:
     import nibabel as nib
 
-    name = "ixi"
+    axis = IXI_PLANES.get(name)  # None: whole 3D volumes
     if image_format not in (None, "nifti"):
-        raise ValueError(f"ixi is 3D and is always written as NIfTI; --format {image_format} is not possible")
-    class_map = parse_classes(classes)
+        raise ValueError(f"{name} is always written as NIfTI; --format {image_format} is not possible")
+    class_map = parse_classes(DEFAULT_IXI_AXIAL_CLASSES if classes is None and axis is not None else classes)
     fractions = tuple(float(f) for f in (split_fractions or DEFAULT_SPLIT_FRACTIONS))
     root = _locate_ixi(mirror)
     assert mirror is not None
@@ -723,6 +732,7 @@ def _prepare_ixi(
         "seed": seed,
         "classes": class_map,
         "split_fractions": list(fractions),
+        **({} if axis is None else {"slice_axis": axis}),
     }
     if _existing_matches(target, parameters):
         logger.info("%s is already prepared with these parameters; nothing to do", target)
@@ -766,10 +776,18 @@ def _prepare_ixi(
                 label_img.header.set_xyzt_units(*image.header.get_xyzt_units())
                 image_rel = f"images/{mrid}_T1.nii.gz"
                 label_rel = f"labels/{mrid}_seg.nii.gz"
-                shutil.copyfile(t1_path, stage / image_rel)
-                nib.save(label_img, str(stage / label_rel))
+                extra: dict[str, Any] = {}
+                if axis is None:
+                    shutil.copyfile(t1_path, stage / image_rel)
+                    nib.save(label_img, str(stage / label_rel))
+                else:
+                    image, label_img, index = _ixi_slice(image, label_img, axis, mrid)
+                    nib.save(image, str(stage / image_rel))
+                    nib.save(label_img, str(stage / label_rel))
+                    extra["slice"] = index
+                dims = 3 if axis is None else 2
                 shapes.add(tuple(int(s) for s in image.shape))
-                spacings.add(tuple(round(float(z), 6) for z in image.header.get_zooms()[:3]))
+                spacings.add(tuple(round(float(z), 6) for z in image.header.get_zooms()[:dims]))
                 if key == "training" and len(intensity_samples) < IXI_INTENSITY_SAMPLES:
                     intensity_samples.append(np.asarray(image.dataobj).ravel())
                 meta = participants.get(mrid, {})
@@ -780,10 +798,11 @@ def _prepare_ixi(
                         "subject": mrid,
                         "age": meta.get("age"),
                         "sex": meta.get("sex"),
+                        **extra,
                     }
                 )
             datalist[key] = items
-            logger.info("ixi: wrote %d %s subjects", len(items), key)
+            logger.info("%s: wrote %d %s subjects", name, len(items), key)
         if len(shapes) > 1:
             logger.warning("IXI volumes have different shapes %s; spatial_size is null", sorted(shapes))
         if len(spacings) > 1:
@@ -795,7 +814,7 @@ def _prepare_ixi(
         info = {
             "name": name,
             "task": "segmentation",
-            "spatial_dims": 3,
+            "spatial_dims": 3 if axis is None else 2,
             "in_channels": 1,
             "modality": "MR",
             "num_classes": 1 + len(class_map),
@@ -807,10 +826,10 @@ def _prepare_ixi(
             "intensity_range_note": (
                 f"percentiles {list(IXI_INTENSITY_PERCENTILES)} of the voxel values as loaded (stored values after the "
                 f"NIfTI scl_slope/scl_inter scaling, as MONAI's readers return them) pooled over the first "
-                f"{len(intensity_samples)} training volumes (all voxels, background included)"
+                f"{len(intensity_samples)} training {'volumes' if axis is None else 'slices'} (all voxels, background included)"
             ),
             "image_format": "nifti",
-            "metadata_keys": ["subject", "age", "sex"],
+            "metadata_keys": ["subject", "age", "sex", *([] if axis is None else ["slice"])],
             "source": {
                 "url": IXI_T1_URL,
                 "md5": None,
@@ -823,8 +842,41 @@ def _prepare_ixi(
         }
         _write_json(stage / "datalist.json", datalist)
         _write_json(stage / "dataset_info.json", info)
-    logger.info("prepared ixi in %s", target)
+    logger.info("prepared %s in %s", name, target)
     return target / "datalist.json"
+
+
+def _ixi_slice(image, label, axis: int, mrid: str):
+    """The 2D slice across RAS ``axis`` through the centre of mass of the subject's labelled structures, as 2D NIfTI
+    images (image and label) whose affine places the slice where it lies in the volume, and the slice's index.
+
+    The slice is chosen from the label so that every subject's slice shows the merged structures (a fixed index would
+    miss them in heads placed differently in the field of view)."""
+    import nibabel as nib
+
+    image, label = nib.as_closest_canonical(image), nib.as_closest_canonical(label)
+    labels = np.asarray(label.dataobj)
+    foreground = np.nonzero(labels)[axis]
+    if foreground.size == 0:
+        raise ValueError(f"IXI subject {mrid}: its merged label map has no foreground voxel; no slice through its structures")
+    index = int(round(float(foreground.mean())))
+    take = [slice(None)] * 3
+    take[axis] = index
+    kept = [a for a in range(3) if a != axis]
+    # the 2D affine keeps the in-plane voxel axes' columns and moves the origin to the slice
+    full = image.affine.copy()
+    full[:3, 3] = full[:3, 3] + full[:3, axis] * index
+    affine = np.eye(4)
+    affine[:3, :2] = full[:3, kept]
+    affine[:3, 3] = full[:3, 3]
+    plane = np.ascontiguousarray(np.asarray(image.dataobj)[tuple(take)])
+    out_image = nib.Nifti1Image(plane.astype(np.float32) if plane.dtype.kind == "f" else plane, affine)
+    out_label = nib.Nifti1Image(np.ascontiguousarray(labels[tuple(take)]).astype(np.uint8), affine)
+    for out in (out_image, out_label):
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        out.header.set_xyzt_units(*image.header.get_xyzt_units())
+    return out_image, out_label, index
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -866,15 +918,15 @@ def prepare_dataset(
         if max_per_split < 0:
             raise ValueError("max_per_split must be >= 0")
     seed = int(seed if seed is not None else 0)
-    allowed = {"classes", "split_fractions"} if name == "ixi" else {"url"}
+    allowed = {"classes", "split_fractions"} if name.startswith("ixi") else {"url"}
     extra = {k: v for k, v in kwargs.items() if v is not None}
     unknown = sorted(set(extra) - allowed)
     if unknown:
         raise TypeError(f"option(s) {unknown} do not apply to {name}")
     output_dir = Path(os.path.expanduser(os.fspath(output_dir)))
     mirror_path = _resolve_mirror(mirror)
-    if name == "ixi":
-        return _prepare_ixi(output_dir, mirror_path, image_format, max_per_split, seed, **extra)
+    if name.startswith("ixi"):
+        return _prepare_ixi(output_dir, mirror_path, image_format, max_per_split, seed, **extra, name=name)
     return _prepare_medmnist(name, output_dir, mirror_path, image_format, max_per_split, seed, **extra)
 
 
@@ -905,7 +957,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SPEC",
         help="ixi only: merged classes as 'name=id,id;name=id,id' or a JSON object "
-        "(default: lateral_ventricles=51,52;thalamus=59,60;caudate=36,37;putamen=57,58;hippocampus=47,48)",
+        "(default: lateral_ventricles=51,52;thalamus=59,60;caudate=36,37;putamen=57,58;hippocampus=47,48; "
+        "--plane axial leaves the hippocampus out)",
     )
     parser.add_argument(
         "--split-fractions",
@@ -944,15 +997,22 @@ def main_for(name: str, argv: Sequence[str] | None = None) -> int:
         parser.add_argument(
             "--size", type=int, choices=(28, 64), default=64 if name.endswith("_64") else 28, help="volume size"
         )
+    if name.startswith("ixi"):
+        parser.add_argument(
+            "--plane", choices=[n[len("ixi_"):] for n in IXI_PLANES], default=None,
+            help="write 2D slices across this plane (one per subject, through its structures) instead of 3D volumes",
+        )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if name.startswith("adrenalmnist3d"):
         name = "adrenalmnist3d_64" if args.size == 64 else "adrenalmnist3d"
+    if name.startswith("ixi") and args.plane is not None:
+        name = f"ixi_{args.plane}"
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     kwargs = kwargs_from_args(args)
-    if name != "ixi":
+    if not name.startswith("ixi"):
         for key in ("classes", "split_fractions"):
             if kwargs.pop(key) is not None:
                 parser.error(f"--{key.replace('_', '-')} applies to ixi only")
