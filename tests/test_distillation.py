@@ -6,8 +6,10 @@ import contextlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import dataset_info, ok as _ok, run_bundle
 from monai_fedkd.networks import build_network, precision
@@ -736,7 +738,9 @@ def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg2d_sites)
     assert all(len(a["spatial_size"]) == 2 and a["subjects"] == 2 for a in card["layouts"]["atlas"].values())
     assert net(torch.rand(1, 1, 32, 32)).shape == (1, card["classes"]["num_classes"], 32, 32)
-    assert (out / "montages" / "iter_000002.png").exists() and (out / "montages" / "iter_000002_layout.png").exists()
+    for montage in ("iter_000002.png", "iter_000002_layout.png"):  # the ensemble's labels and the layouts in colour
+        rgb = np.asarray(Image.open(out / "montages" / montage).convert("RGB")).astype(int)
+        assert (rgb.max(-1) - rgb.min(-1) > 0).any(), f"{montage} shows no label overlay"
 
     evaluation = tmp_path / "eval"
     models = [str(d) for d, _ in seg2d_sites]

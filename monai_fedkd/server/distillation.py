@@ -832,20 +832,20 @@ class CentralDistillation:
         from monai_fedkd.visualize import montage_2d, montage_3d, save_png
 
         x, probs = engine.state.last_inputs.cpu(), engine.state.last_probs.cpu()
+        seg = probs.argmax(1) if self.task == "segmentation" else None  # the ensemble's labels, overlaid
         if self.spec["spatial_dims"] == 2:
             names = self.spec["class_names"] or [str(i) for i in range(self.num_classes)]
-            pred = probs.argmax(1) if self.task == "classification" else None
-            tags = [names[int(c)] for c in pred] if pred is not None else None
-            image = montage_2d(x[:32], labels=tags)
+            tags = [names[int(c)] for c in probs.argmax(1)] if seg is None else None
+            image = montage_2d(x[:32], labels=tags, segmentation=None if seg is None else seg[:32], num_classes=self.num_classes)
         else:
-            seg = probs.argmax(1) if self.task == "segmentation" else None
             image = montage_3d(x[:4], segmentation=None if seg is None else seg[:4], num_classes=self.num_classes)
         path = self.output_dir / "montages" / f"iter_{engine.state.iteration:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image, path)
         if getattr(engine.state, "last_layouts", None) is not None:  # the layouts the generator was asked to paint
-            save_png(montage_3d(x[:4], segmentation=engine.state.last_layouts[:4].cpu(), num_classes=self.num_classes) if x.ndim == 5
-                     else montage_2d(x[:32]), path.with_name(path.stem + "_layout.png"))
+            layouts = engine.state.last_layouts.cpu()
+            save_png(montage_3d(x[:4], segmentation=layouts[:4], num_classes=self.num_classes) if x.ndim == 5
+                     else montage_2d(x[:32], segmentation=layouts[:32], num_classes=self.num_classes), path.with_name(path.stem + "_layout.png"))
         if self.writer is not None:
             self.writer.add_image("synthetic_inputs", image, engine.state.iteration, dataformats="HWC")
 
