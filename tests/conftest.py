@@ -92,3 +92,22 @@ def cls_sites(pneumonia_dir, tmp_path_factory):
                              "out_channels": 2, "init_features": 8, "growth_rate": 8, "block_config": [2, 2], "bn_size": 2}}
     ok(run_bundle(bundle, "train.json", {"datalist": datalist, "output_dir": str(root / "siteB"), "max_epochs": 1, "seed": 1, **overrides, **dense}))
     return [(root / "siteA", datalist), (root / "siteB", datalist)]
+
+
+@pytest.fixture(scope="session")
+def seg2d_sites(ixi_axial_dir, tmp_path_factory):
+    """Two 2D segmentation sites trained on IXI's axial slices (``ixi_axial``: 2D NIfTI)."""
+    from monai_fedkd.pipeline import dataset_overrides
+
+    root = tmp_path_factory.mktemp("seg2d_sites")
+    datalist_file = ixi_axial_dir / "datalist.json"
+    bundle, overrides = dataset_overrides(dataset_info(ixi_axial_dir))
+    small = {"spacing": [4.0, 4.0], "spatial_size": [32, 32], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
+             "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2]}
+    entries = []
+    for k in range(2):
+        d = root / f"slices{k}"
+        ok(run_bundle(bundle, "train.json", {"datalist": str(datalist_file), "output_dir": str(d), "seed": k, **overrides, **small}))
+        (d / "site_policy.json").write_text(json.dumps({"atlas_min_subjects": 1}))  # 2 training subjects per tiny site
+        entries.append((d, datalist_file))
+    return entries

@@ -706,23 +706,6 @@ def test_segmentation_synthesizes_at_the_sites_patch_size_and_warns_otherwise():
     assert sites_trained_on_other_patches({"k": card([28, 28], "classification")}, [32, 32]) == {}
 
 
-@pytest.fixture(scope="module")
-def seg2d_sites(ixi_axial_dir, tmp_path_factory):
-    """Two 2D segmentation sites trained on IXI's axial slices (``ixi_axial``: 2D NIfTI)."""
-    root = tmp_path_factory.mktemp("seg2d_sites")
-    datalist_file = ixi_axial_dir / "datalist.json"
-    bundle, overrides = dataset_overrides(dataset_info(ixi_axial_dir))
-    small = {"spacing": [4.0, 4.0], "spatial_size": [32, 32], "max_epochs": 1, "batch_size": 1, "samples_per_volume": 1,
-             "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2]}
-    entries = []
-    for k in range(2):
-        d = root / f"slices{k}"
-        _ok(run_bundle(bundle, "train.json", {"datalist": str(datalist_file), "output_dir": str(d), "seed": k, **overrides, **small}))
-        (d / "site_policy.json").write_text(json.dumps({"atlas_min_subjects": 1}))  # 2 training subjects per tiny site
-        entries.append((d, datalist_file))
-    return entries
-
-
 def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
     """The segmentation default on 2D sites: 2D atlases and layouts, a 2D layout generator at the sites' patch size, a
     2D student; the evaluation bundle scores it beside the sites."""

@@ -256,6 +256,28 @@ def test_site_model_exports_through_the_cli(seg_central, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_2d_segmentation_on_2d_nifti(seg2d_sites, ixi_axial_dir, tmp_path):
+    """A 2D segmentation model (a site of IXI's axial slices) exports and runs on 2D NIfTI slices: one mask per slice,
+    in its geometry, and areas in the table."""
+    site, _ = seg2d_sites[0]
+    bundle = export_bundle(site, tmp_path / "bundle2d", modality="MR")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    slices = [ixi_axial_dir / item["image"] for item in json.loads((ixi_axial_dir / "datalist.json").read_text())["test"]]
+    for s in slices:
+        shutil.copy(s, studies / s.name)
+    out = tmp_path / "out"
+    ok(run_exported(bundle, tmp_path, input_dir=studies, output_dir=out))
+    assert read_csv(out / "errors.csv") == []
+    names = read_site_card(site)["classes"]["names"]
+    assert len(read_csv(out / "label_volumes.csv")) == len(slices) == 2
+    for s in slices:
+        src, mask = nib.load(str(s)), nib.load(str(out / f"{s.name[: -len('.nii.gz')]}_seg.nii.gz"))
+        assert mask.shape == src.shape and len(mask.shape) == 2
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= set(range(len(names)))
+
+
 # ---- classification: one CSV row per study ------------------------------------------------------------------------
 
 
