@@ -785,9 +785,8 @@ def _prepare_ixi(
                     nib.save(image, str(stage / image_rel))
                     nib.save(label_img, str(stage / label_rel))
                     extra["slice"] = index
-                dims = 3 if axis is None else 2
                 shapes.add(tuple(int(s) for s in image.shape))
-                spacings.add(tuple(round(float(z), 6) for z in image.header.get_zooms()[:dims]))
+                spacings.add(tuple(round(float(z), 6) for z in image.header.get_zooms()[: 3 if axis is None else 2]))
                 if key == "training" and len(intensity_samples) < IXI_INTENSITY_SAMPLES:
                     intensity_samples.append(np.asarray(image.dataobj).ravel())
                 meta = participants.get(mrid, {})
@@ -864,11 +863,9 @@ def _ixi_slice(image, label, axis: int, mrid: str):
     take[axis] = index
     kept = [a for a in range(3) if a != axis]
     # the 2D affine keeps the in-plane voxel axes' columns and moves the origin to the slice
-    full = image.affine.copy()
-    full[:3, 3] = full[:3, 3] + full[:3, axis] * index
     affine = np.eye(4)
-    affine[:3, :2] = full[:3, kept]
-    affine[:3, 3] = full[:3, 3]
+    affine[:3, :2] = image.affine[:3, kept]
+    affine[:3, 3] = image.affine[:3, 3] + image.affine[:3, axis] * index
     plane = np.ascontiguousarray(np.asarray(image.dataobj)[tuple(take)])
     out_image = nib.Nifti1Image(plane.astype(np.float32) if plane.dtype.kind == "f" else plane, affine)
     out_label = nib.Nifti1Image(np.ascontiguousarray(labels[tuple(take)]).astype(np.uint8), affine)
