@@ -152,7 +152,7 @@ def _export(args) -> int:
 def _bench(args) -> int:
     from monai_fedkd.benchmarks.suite import run_benchmark, summary
 
-    results = run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs)
+    results = run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs, methods=args.methods)
     for method, s in sorted(summary(results).items(), key=lambda kv: -kv[1]["mean"]):
         print(f"{method:24s} {s['mean']:.4f} ± {s['sd']:.4f}")
     return 0

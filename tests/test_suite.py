@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
-from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, load_config, run_benchmark
+from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,25 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     assert "## Benchmark suite: tiny" in (docs / "results.md").read_text()
     assert results["records"] == written["records"]
 
+    # re-running one method on the same sites replaces its records and keeps every other method's
+    def others(res):
+        return [r for r in res["records"] if r["method"] != "ours"]
+    rerun = run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, methods=["ours"])
+    assert others(rerun) == others(written)
+    assert len([r for r in rerun["records"] if r["method"] == "ours"]) == len([r for r in written["records"] if r["method"] == "ours"])
+    run0 = rerun["runs"][0]
+    assert [r["methods"] for r in run0["reruns"]] == [["ours"]] and run0["methods"]["fedavg"] == costs["fedavg"]
+    assert run0["methods"]["ours"] != costs["ours"] and run0["sites_sha256"] == written["runs"][0]["sites_sha256"]
+    with pytest.raises(ValueError, match="fedprox"):
+        run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, methods=["fedprox"])
+    # published results made from other site models: a partial re-run would mix sites, so it is refused before any work
+    tampered = json.loads((docs / "results" / "tiny.json").read_text())
+    tampered["runs"][0]["sites_sha256"] = "0" * 64
+    (docs / "results" / "tiny.json").write_text(json.dumps(tampered))
+    with pytest.raises(ValueError, match="other site models"):
+        run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, methods=["ours"])
+    assert json.loads((docs / "results" / "tiny.json").read_text()) == tampered
+
 
 def test_config_errors_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pneumoniamnist_a0.5"):
@@ -67,7 +86,7 @@ def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
     (r0, rec0), (r1, rec1) = run(0, 0.8), run(1, 0.7)
     published = {"benchmark": "b", "config_sha256": "abc", "seeds": [0, 1], "runs": [r0, r1], "records": [rec0, rec1]}
     (tmp_path / "results" / "b.json").write_text(json.dumps(published))
-    kept = _earlier_seeds(tmp_path, "b", "abc", [1])
+    kept = _earlier_seeds(_published(tmp_path, "b", "abc"), [1])
     assert kept["seeds"] == [0] and kept["records"] == [rec0]
     r1b, rec1b = run(1, 0.9)
     merged = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1], "runs": [r1b], "records": [rec1b]})
@@ -75,7 +94,7 @@ def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
     # asked for seeds 1 and 2 but stopped after seed 1: seed 2 is not claimed
     stopped = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1, 2], "runs": [r1b], "records": [rec1b]})
     assert stopped["seeds"] == [0, 1]
-    assert _earlier_seeds(tmp_path, "b", "another config", [1]) is None  # results of another config are never mixed in
+    assert _published(tmp_path, "b", "another config") is None  # results of another config are never mixed in
 
 
 def test_tiny_segmentation_benchmark_runs_every_method(tmp_path):

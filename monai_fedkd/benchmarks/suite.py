@@ -189,21 +189,29 @@ def sites_checksum(site_dirs) -> str:
 
 
 def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.PathLike = "runs/bench", seeds=None,
-                  docs: str | os.PathLike | None = DOCS) -> dict:
-    """Run every method of ``config`` for every seed; write the JSON, plots and the markdown table under ``docs``."""
+                  docs: str | os.PathLike | None = DOCS, methods=None) -> dict:
+    """Run every method of ``config`` for every seed; write the JSON, plots and the markdown table under ``docs``.
+
+    ``methods``: re-run only these methods of the config, on the same site models as the published results of each
+    seed (checked by checksum), and keep the published records of the others: after a method's default changes, the
+    table is renewed without re-running every baseline."""
     cfg = load_config(config)
     name = cfg["name"]
+    rerun = _methods_to_rerun(cfg, methods)
     results = {"benchmark": name, "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_sha256": cfg["_sha256"],
                "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
     results["workdir"] = str(workdir)
-    kept = _earlier_seeds(Path(docs) if docs is not None else None, name, cfg["_sha256"], results["seeds"])
+    published = _published(Path(docs) if docs is not None else None, name, cfg["_sha256"])
+    kept = _earlier_seeds(published, results["seeds"])
     for seed in results["seeds"]:
         t0 = time.perf_counter()
         run, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         sites_wall = time.perf_counter() - t0
+        sites_sha256 = sites_checksum(site_dirs)
+        earlier = _published_seed(published, seed, sites_sha256, config) if rerun else None
         manifest_path = run / "sites" / "manifest.json"
         built, costs = {}, {}
-        for method in cfg["methods"]:
+        for method in rerun or cfg["methods"]:
             if method in ("local", "ensemble"):
                 continue
             logger.info("%s seed %d: building %s", name, seed, method)
@@ -212,19 +220,62 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
         eval_dir = run / "eval_all"
         cmd = bundle_command("evaluation", "evaluate.json", {"models": [str(d) for d in site_dirs], "test_datalists": [str(f) for f in site_files],
                                                              "output_dir": str(eval_dir), "extra_models": {m: str(d) for m, d in built.items()} or None,
-                                                             "ensemble": "ensemble" in cfg["methods"]})
+                                                             "ensemble": "ensemble" in (rerun or cfg["methods"])})
         run_logged(cmd, run / "eval_all.log", "evaluation")
         metrics = json.loads((eval_dir / "metrics.json").read_text())
-        results["records"] += _records(metrics, {m: m for m in built}, name, seed)
-        results["runs"].append({"seed": seed, "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
-                                "phases_s": {"sites": sites_wall, "evaluation": time.perf_counter() - t0,
-                                             **{m: c["wall_s"] for m, c in costs.items()}},
-                                "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
-                                "bundle_versions": _bundle_versions(),
-                                "primary_metric": metrics["meta"]["primary_metric"]})
+        records = _records(metrics, {m: m for m in built}, name, seed)
+        entry = {"seed": seed, "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(), "sites_sha256": sites_sha256,
+                 "phases_s": {"sites": sites_wall, "evaluation": time.perf_counter() - t0, **{m: c["wall_s"] for m, c in costs.items()}},
+                 "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
+                 "bundle_versions": _bundle_versions(), "primary_metric": metrics["meta"]["primary_metric"]}
+        if earlier is not None:
+            records, entry = _rerun_merged(earlier, records, entry, rerun)
+        results["records"] += records
+        results["runs"].append(entry)
         if docs is not None:  # after every seed: a long run that stops keeps the seeds it finished
             _write(_merged(kept, results), Path(docs))
     return _merged(kept, results)
+
+
+def _method_of_record(method: str) -> str:
+    """The config method a record belongs to (the two ensembles are the config's ``ensemble``)."""
+    return "ensemble" if method.startswith("ensemble_") else method
+
+
+def _methods_to_rerun(cfg: Mapping, methods) -> list[str] | None:
+    if methods is None:
+        return None
+    methods = list(dict.fromkeys(methods))
+    foreign = [m for m in methods if m not in cfg["methods"]]
+    if not methods or foreign:
+        raise ValueError(f"benchmark {cfg['name']}: can re-run only methods of its config {cfg['methods']}, not {foreign or 'none'}")
+    return methods
+
+
+def _published_seed(published: Mapping | None, seed: int, sites_sha256: str, config) -> dict:
+    """The published run and records of ``seed``, which a partial re-run keeps for the methods it does not run."""
+    runs = [r for r in (published or {}).get("runs", []) if r["seed"] == seed]
+    if not runs:
+        raise ValueError(f"{config}: no published results of this config for seed {seed} to keep; run every method "
+                         "(without --methods) first")
+    if runs[0].get("sites_sha256") != sites_sha256:
+        why = ("do not name their site models (written before site checksums were recorded)" if "sites_sha256" not in runs[0] else
+               "were made from other site models than the ones now in the work folder")
+        raise ValueError(f"{config}: seed {seed}'s published results {why}, so re-running only some methods would compare "
+                         "models built from different sites; run every method (without --methods)")
+    return {"run": runs[0], "records": [r for r in published["records"] if r["seed"] == seed]}
+
+
+def _rerun_merged(earlier: Mapping, records: list[dict], entry: dict, rerun: list[str]) -> tuple[list[dict], dict]:
+    """The seed's published records and costs with those of the re-run methods replaced."""
+    records = [r for r in records if _method_of_record(r["method"]) in rerun]
+    kept = [r for r in earlier["records"] if _method_of_record(r["method"]) not in rerun]
+    old = earlier["run"]
+    merged = {**old, "methods": {**old["methods"], **entry["methods"]},
+              "phases_s": {**old["phases_s"], **{m: c["wall_s"] for m, c in entry["methods"].items()}},
+              "reruns": [*old.get("reruns", []), {"methods": rerun, "bundle_versions": entry["bundle_versions"],
+                                                  "evaluation_s": entry["phases_s"]["evaluation"]}]}
+    return kept + records, merged
 
 
 def _bundle_versions() -> dict[str, str]:
@@ -233,14 +284,21 @@ def _bundle_versions() -> dict[str, str]:
     return {p.parent.parent.name: json.loads(p.read_text())["version"] for p in sorted(BUNDLES_DIR.glob("*/configs/metadata.json"))}
 
 
-def _earlier_seeds(docs: Path | None, name: str, sha256: str, seeds) -> dict | None:
-    """The published results of other seeds of the same config, kept when only some seeds are (re)run."""
+def _published(docs: Path | None, name: str, sha256: str) -> dict | None:
+    """The published results of the same config (None when there are none, or they are of another config)."""
     path = docs / "results" / f"{name}.json" if docs is not None else None
     if path is None or not path.is_file():
         return None
     old = json.loads(path.read_text())
     if old.get("config_sha256") != sha256:
         logger.warning("%s was written by another version of the config: its seeds are not kept", path)
+        return None
+    return old
+
+
+def _earlier_seeds(old: Mapping | None, seeds) -> dict | None:
+    """The published results of other seeds of the same config, kept when only some seeds are (re)run."""
+    if old is None:
         return None
     seeds = set(seeds)
     return {"seeds": [s for s in old["seeds"] if s not in seeds], "records": [r for r in old["records"] if r["seed"] not in seeds],
@@ -375,6 +433,11 @@ def write_markdown(results: Mapping, page: Path) -> None:
                      f"transport {p['transport']:.2f} ms, student {p['student']:.1f} ms"
                      + (f", the generator's forward, backward and update {p['generator']:.1f} ms" if "generator" in p else "") + "; "
                      f"framework overhead beyond site compute {100 * costs['framework_overhead']:.1f} % (aim: under 25 %).")
+    reruns = [(r["seed"], x) for r in results["runs"] for x in r.get("reruns", [])]
+    if reruns:
+        lines += ["", "Methods re-run on the same site models (`--methods`), the other methods' records kept:"]
+    for seed, x in reruns:
+        lines.append(f"- seed {seed}: {', '.join(x['methods'])} (central_distillation {x['bundle_versions'].get('central_distillation', '?')})")
     lines += ["", f"![](results/{name}_{metric}.png)", f"![](results/{name}_curves.png)", "",
               f"Reproduce: `monai-fedkd bench {name} --mirror ../shared/data` (records: `docs/results/{name}.json`).", MARK_END.format(name)]
     write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
@@ -398,6 +461,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/bench")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     parser.add_argument("--docs", default=str(DOCS), help="where results/<benchmark>.json, the plots and results.md go")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="re-run only these methods of the config on the same site models, keeping the published records of the others")
 
 
 def main(argv=None) -> int:
@@ -405,7 +470,7 @@ def main(argv=None) -> int:
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs)
+    run_benchmark(args.config, mirror=args.mirror, workdir=args.workdir, seeds=args.seeds, docs=args.docs, methods=args.methods)
     return 0
 
 
