@@ -65,6 +65,10 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     with pytest.raises(ValueError, match="other site models"):
         run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, methods=["ours"])
     assert json.loads((docs / "results" / "tiny.json").read_text()) == tampered
+    # a seed never published: refused before its sites are trained
+    with pytest.raises(ValueError, match="no published results of this config for seed 7"):
+        run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, seeds=[7], methods=["ours"])
+    assert not (tmp_path / "runs" / "tiny" / "seed7").exists()
 
 
 def test_config_errors_are_named(tmp_path):

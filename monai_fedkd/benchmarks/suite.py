@@ -203,12 +203,18 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
     results["workdir"] = str(workdir)
     published = _published(Path(docs) if docs is not None else None, name, cfg["_sha256"])
     kept = _earlier_seeds(published, results["seeds"])
+    # a partial re-run needs every seed's published results: checked before any site is trained or model built
+    earlier_of = {seed: _published_seed(published, seed, config) for seed in results["seeds"]} if rerun else {}
     for seed in results["seeds"]:
         t0 = time.perf_counter()
         run, site_dirs, site_files, info = prepare_sites(cfg, seed, workdir, mirror)
         sites_wall = time.perf_counter() - t0
         sites_sha256 = sites_checksum(site_dirs)
-        earlier = _published_seed(published, seed, sites_sha256, config) if rerun else None
+        earlier = earlier_of.get(seed)
+        if earlier is not None and earlier["run"]["sites_sha256"] != sites_sha256:
+            raise ValueError(f"{config}: seed {seed}'s published results were made from other site models than the ones now in "
+                             "the work folder, so re-running only some methods would compare models built from different sites; "
+                             "run every method (without --methods)")
         manifest_path = run / "sites" / "manifest.json"
         built, costs = {}, {}
         for method in rerun or cfg["methods"]:
@@ -252,17 +258,16 @@ def _methods_to_rerun(cfg: Mapping, methods) -> list[str] | None:
     return methods
 
 
-def _published_seed(published: Mapping | None, seed: int, sites_sha256: str, config) -> dict:
+def _published_seed(published: Mapping | None, seed: int, config) -> dict:
     """The published run and records of ``seed``, which a partial re-run keeps for the methods it does not run."""
     runs = [r for r in (published or {}).get("runs", []) if r["seed"] == seed]
     if not runs:
         raise ValueError(f"{config}: no published results of this config for seed {seed} to keep; run every method "
                          "(without --methods) first")
-    if runs[0].get("sites_sha256") != sites_sha256:
-        why = ("do not name their site models (written before site checksums were recorded)" if "sites_sha256" not in runs[0] else
-               "were made from other site models than the ones now in the work folder")
-        raise ValueError(f"{config}: seed {seed}'s published results {why}, so re-running only some methods would compare "
-                         "models built from different sites; run every method (without --methods)")
+    if "sites_sha256" not in runs[0]:
+        raise ValueError(f"{config}: seed {seed}'s published results do not name their site models (written before site "
+                         "checksums were recorded), so a partial re-run cannot be shown to use the same sites; run every method "
+                         "(without --methods)")
     return {"run": runs[0], "records": [r for r in published["records"] if r["seed"] == seed]}
 
 
