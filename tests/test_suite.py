@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
-from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark
+from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark, sites_checksum
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +84,30 @@ def test_config_errors_are_named(tmp_path):
 
 def test_rerunning_some_seeds_keeps_the_others_of_the_same_config(tmp_path):
     (tmp_path / "results").mkdir()
-    def run(seed, value):
-        return {"seed": seed, "methods": {}, "primary_metric": "auroc"}, {"benchmark": "b", "method": "ours", "model": "ours", "seed": seed,
-                                                                         "test_set": "pooled", "metric": "auroc", "value": value}
+    def run(seed, value, sites="s"):
+        return {"seed": seed, "methods": {}, "primary_metric": "auroc", "sites_sha256": sites}, {
+            "benchmark": "b", "method": "ours", "model": "ours", "seed": seed, "test_set": "pooled", "metric": "auroc", "value": value}
     (r0, rec0), (r1, rec1) = run(0, 0.8), run(1, 0.7)
     published = {"benchmark": "b", "config_sha256": "abc", "seeds": [0, 1], "runs": [r0, r1], "records": [rec0, rec1]}
     (tmp_path / "results" / "b.json").write_text(json.dumps(published))
     kept = _earlier_seeds(_published(tmp_path, "b", "abc"), [1])
     assert kept["seeds"] == [0] and kept["records"] == [rec0]
+    # seed 0's work folder holds site models: kept when they are the published ones, dropped when they are not
+    site = tmp_path / "work" / "seed0" / "site0"
+    (site / "models").mkdir(parents=True)
+    (site / "models" / "model.pt").write_bytes(b"weights")
+    (site.parent / "sites.json").write_text(json.dumps([{"name": "site0", "dir": str(site), "datalist": "unused"}]))
+    folder = lambda seed: tmp_path / "work" / f"seed{seed}"  # noqa: E731
+    r0["sites_sha256"] = sites_checksum([site])
+    (tmp_path / "results" / "b.json").write_text(json.dumps(published))
+    assert _earlier_seeds(_published(tmp_path, "b", "abc"), [1], folder)["seeds"] == [0]
+    (site / "models" / "model.pt").write_bytes(b"retrained")
+    assert _earlier_seeds(_published(tmp_path, "b", "abc"), [1], folder) == {"seeds": [], "records": [], "runs": []}
+    # a seed published before site checksums were recorded cannot be shown to match: not kept either
+    del r0["sites_sha256"]
+    (tmp_path / "results" / "b.json").write_text(json.dumps(published))
+    assert _earlier_seeds(_published(tmp_path, "b", "abc"), [1])["seeds"] == []
+    r0["sites_sha256"] = "s"
     r1b, rec1b = run(1, 0.9)
     merged = _merged(kept, {"benchmark": "b", "config_sha256": "abc", "seeds": [1], "runs": [r1b], "records": [rec1b]})
     assert merged["seeds"] == [0, 1] and [r["value"] for r in merged["records"]] == [0.8, 0.9]

@@ -202,7 +202,7 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
     results["workdir"] = str(workdir)
     published = _published(Path(docs) if docs is not None else None, name, cfg["_sha256"])
-    kept = _earlier_seeds(published, results["seeds"])
+    kept = _earlier_seeds(published, results["seeds"], lambda seed: Path(workdir) / name / f"seed{seed}")
     # a partial re-run needs every seed's published results: checked before any site is trained or model built
     earlier_of = {seed: _published_seed(published, seed, config) for seed in results["seeds"]} if rerun else {}
     for seed in results["seeds"]:
@@ -301,13 +301,40 @@ def _published(docs: Path | None, name: str, sha256: str) -> dict | None:
     return old
 
 
-def _earlier_seeds(old: Mapping | None, seeds) -> dict | None:
-    """The published results of other seeds of the same config, kept when only some seeds are (re)run."""
+def _earlier_seeds(old: Mapping | None, seeds, run_folder=None) -> dict | None:
+    """The published results of other seeds of the same config, kept when only some seeds are (re)run.
+
+    A seed is kept only when its run names its site models (``sites_sha256``) and, where ``run_folder(seed)`` still
+    holds that seed's sites, they are the same models: otherwise a table's mean would mix seeds distilled from sites
+    trained by other code, which the config checksum alone cannot show."""
     if old is None:
         return None
     seeds = set(seeds)
-    return {"seeds": [s for s in old["seeds"] if s not in seeds], "records": [r for r in old["records"] if r["seed"] not in seeds],
-            "runs": [r for r in old["runs"] if r["seed"] not in seeds]}
+    keep = set()
+    for run in old["runs"]:
+        seed = run["seed"]
+        if seed in seeds:
+            continue
+        now = _sites_checksum_in(run_folder(seed)) if run_folder is not None else None
+        if "sites_sha256" not in run:
+            logger.warning("published seed %d does not name its site models (written before site checksums were recorded): "
+                           "not kept; re-run it to publish it again", seed)
+        elif now is not None and now != run["sites_sha256"]:
+            logger.warning("published seed %d was made from other site models than the ones now in %s: not kept; re-run it "
+                           "to publish it again", seed, run_folder(seed))
+        else:
+            keep.add(seed)
+    return {"seeds": [s for s in old["seeds"] if s in keep], "records": [r for r in old["records"] if r["seed"] in keep],
+            "runs": [r for r in old["runs"] if r["seed"] in keep]}
+
+
+def _sites_checksum_in(run: Path) -> str | None:
+    """The checksum of the site models a seed's run folder holds (None when it holds none, e.g. on another machine)."""
+    listing = run / "sites.json"
+    if not listing.is_file():
+        return None
+    dirs = [Path(s["dir"]) for s in json.loads(listing.read_text())]
+    return sites_checksum(dirs) if all((d / "models" / "model.pt").is_file() for d in dirs) else None
 
 
 def _merged(kept: Mapping | None, results: Mapping) -> dict:
