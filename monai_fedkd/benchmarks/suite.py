@@ -162,11 +162,16 @@ def partition_arguments(cfg: Mapping) -> dict:
     return {"alpha": 0.5, **cfg["partition"]}
 
 
+def seed_folder(workdir, name: str, seed: int) -> Path:
+    """Where a benchmark's seed keeps its sites and built models."""
+    return Path(workdir) / name / f"seed{seed}"
+
+
 def prepare_sites(cfg: Mapping, seed: int, workdir, mirror=None) -> tuple[Path, list[Path], list[Path], dict]:
     """Train (or reuse, when trained for the same split and seed) the benchmark's sites for ``seed``; returns the run
     folder, the site model folders, their datalists and the dataset info. Writes ``<run>/sites.json``."""
     partition = partition_arguments(cfg)
-    run = Path(workdir) / cfg["name"] / f"seed{seed}"
+    run = seed_folder(workdir, cfg["name"], seed)
     run_pipeline(dataset=cfg["dataset"], workdir=run, data_dir=seed_data_dir(Path(workdir) / "data", seed), mirror=mirror, num_sites=cfg["num_sites"],
                  method=partition.pop("method"), alpha=partition.pop("alpha"), seed=seed, max_per_split=cfg.get("max_per_split"),
                  site_overrides=cfg.get("site_overrides"), distill=False, reuse_sites=True, partition_kwargs=partition)
@@ -202,7 +207,7 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
                "seeds": list(seeds or cfg["seeds"]), "records": [], "runs": []}
     results["workdir"] = str(workdir)
     published = _published(Path(docs) if docs is not None else None, name, cfg["_sha256"])
-    kept = _earlier_seeds(published, results["seeds"], lambda seed: Path(workdir) / name / f"seed{seed}")
+    kept = _earlier_seeds(published, results["seeds"], lambda seed: seed_folder(workdir, name, seed))
     # a partial re-run needs every seed's published results: checked before any site is trained or model built
     earlier_of = {seed: _published_seed(published, seed, config) for seed in results["seeds"]} if rerun else {}
     for seed in results["seeds"]:
@@ -315,15 +320,17 @@ def _earlier_seeds(old: Mapping | None, seeds, run_folder=None) -> dict | None:
         seed = run["seed"]
         if seed in seeds:
             continue
-        now = _sites_checksum_in(run_folder(seed)) if run_folder is not None else None
         if "sites_sha256" not in run:
             logger.warning("published seed %d does not name its site models (written before site checksums were recorded): "
                            "not kept; re-run it to publish it again", seed)
-        elif now is not None and now != run["sites_sha256"]:
+            continue
+        folder = run_folder(seed) if run_folder is not None else None
+        now = _sites_checksum_in(folder) if folder is not None else None
+        if now is not None and now != run["sites_sha256"]:
             logger.warning("published seed %d was made from other site models than the ones now in %s: not kept; re-run it "
-                           "to publish it again", seed, run_folder(seed))
-        else:
-            keep.add(seed)
+                           "to publish it again", seed, folder)
+            continue
+        keep.add(seed)
     return {"seeds": [s for s in old["seeds"] if s in keep], "records": [r for r in old["records"] if r["seed"] in keep],
             "runs": [r for r in old["runs"] if r["seed"] in keep]}
 
@@ -411,10 +418,9 @@ def _curves(results: Mapping) -> dict[str, tuple[list[int], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = {}
-    workdir = Path(results.get("workdir", "runs/bench")) / results["benchmark"]
     for seed in results["seeds"]:
         for method in DISTILLED:
-            tb = workdir / f"seed{seed}" / method / "tensorboard"
+            tb = seed_folder(results.get("workdir", "runs/bench"), results["benchmark"], seed) / method / "tensorboard"
             if not tb.is_dir():
                 continue
             acc = EventAccumulator(str(tb))
