@@ -585,6 +585,7 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["layouts"]["class_gradient_sites"] == card["layouts"]["atlas_sites"] and card["weights"]["class_gradient"] == 1.0
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
+    assert card["consensus_voxel_stride"] == 2, "3D segmentation evaluates the consensus on one voxel in eight by default"
     # segmentation's default precision "auto" resolves on this machine's CPU, and the card says what ran
     assert card["autocast_dtype"] == precision.resolve_autocast_dtype("auto", "cpu")
     assert next(net.parameters()).dtype == torch.float32
@@ -718,6 +719,7 @@ def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
     assert card["spatial_dims"] == 2 and card["input"]["spatial_size"] == [32, 32]
     assert card["generator_def"]["name"].endswith("LayoutGenerator") and card["generator_def"]["spatial_dims"] == 2
     assert card["generator_def"]["spatial_size"] == [32, 32], "synthesis at the sites' own 2D patch"
+    assert card["consensus_voxel_stride"] == 1, "2D segmentation keeps the consensus on every pixel"
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg2d_sites)
     assert all(len(a["spatial_size"]) == 2 and a["subjects"] == 2 for a in card["layouts"]["atlas"].values())
     assert net(torch.rand(1, 1, 32, 32)).shape == (1, card["classes"]["num_classes"], 32, 32)

@@ -107,6 +107,45 @@ def test_js_symmetric_in_site_order():
     stacked = torch.stack(sites)
     assert torch.allclose(ConsensusLoss(reduction="none")(stacked), a, atol=1e-7)
 
+def test_js_voxel_stride_takes_one_lattice_per_call_and_estimates_the_mean():
+    g = torch.Generator().manual_seed(0)
+    sites = torch.randn(3, 2, 4, 8, 8, 8, generator=g) * 2  # (K, B, N, D, H, W)
+    full = ConsensusLoss(reduction="none")(sites)
+    strided = ConsensusLoss(voxel_stride=2)
+    # the value is the mean over exactly one of the 8 lattices (offset per axis in {0, 1})
+    lattices = {(a, b, c): num(full[:, a::2, b::2, c::2].mean()) for a in (0, 1) for b in (0, 1) for c in (0, 1)}
+    seen = set()
+    for seed in range(40):
+        value = num(strided(sites, generator=torch.Generator().manual_seed(seed)))
+        match = [k for k, v in lattices.items() if v == pytest.approx(value, rel=1e-5)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 4  # the offset is random, not fixed
+    # unbiased: the lattice means average to the full mean; "sum" is rescaled to the full voxel count
+    assert sum(lattices.values()) / 8 == pytest.approx(num(full.mean()), rel=1e-5)
+    lattice_sum = num(ConsensusLoss(voxel_stride=2, reduction="sum")(sites, generator=torch.Generator().manual_seed(3)))
+    offsets = torch.randint(2, (3,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert lattice_sum == pytest.approx(8 * num(full[:, offsets[0]::2, offsets[1]::2, offsets[2]::2].sum()), rel=1e-5)
+    # gradients reach only the lattice's voxels
+    x = sites.clone().requires_grad_()
+    ConsensusLoss(voxel_stride=2)(x, generator=torch.Generator().manual_seed(3)).backward()
+    touched = (x.grad.abs().sum((0, 1, 2)) > 0)
+    assert int(touched.sum()) == 4 * 4 * 4
+    assert touched[offsets[0]::2, offsets[1]::2, offsets[2]::2].all()
+    # classification outputs (no spatial axes) are unaffected; an axis shorter than the stride keeps a voxel
+    logits = torch.randn(3, 5, 2, generator=g)
+    assert num(ConsensusLoss(voxel_stride=4)(logits)) == pytest.approx(num(ConsensusLoss()(logits)), rel=1e-6)
+    thin = torch.randn(3, 2, 4, 1, 6, generator=g)
+    assert torch.isfinite(ConsensusLoss(voxel_stride=2)(thin, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("stride", [0, 1.5, True])
+def test_js_voxel_stride_rejects_non_integers_and_per_voxel_output(stride):
+    with pytest.raises(ValueError, match="voxel_stride"):
+        ConsensusLoss(voxel_stride=stride)
+    with pytest.raises(ValueError, match="reduction"):
+        ConsensusLoss(voxel_stride=2, reduction="none")
+
 
 # ------------------------------------------------------------------------------------------- site weights
 def test_site_weights_columns_sum_to_one_and_expert_gets_one():

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, require
+from monai_fedkd.benchmarks._timing import processor_name
 from monai_fedkd.benchmarks.segmentation_generators import NARROW_GENERATOR, UPPER_BOUND, VARIANTS, atlas_layout_match, run
 from monai_fedkd.benchmarks.suite import load_config, prepare_sites
 from monai_fedkd.site.card import read_site_card
@@ -40,9 +41,11 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path, monkeypat
     # the layout variants keep the generator width they were measured with, whatever the bundle's default is now
     card = json.loads((tmp_path / "runs" / "tiny_seg" / "seed0" / "generator_layout_3s" / "central_card.json").read_text())
     assert card["generator_def"]["features"] == NARROW_GENERATOR["generator_def#features"]
+    assert card["consensus_voxel_stride"] == 1, "variants measured before the strided consensus keep it on every voxel"
     assert 0.0 <= layout["generator/layout_agreement"] <= 1.0
     # the budget is wall time: a run's thread count is recorded, and montages of more than one thread say so
     assert layout["torch_threads"] >= 1
+    assert layout["processor"] == processor_name()
     threads = f"_{layout['torch_threads']}threads" if layout["torch_threads"] > 1 else ""
     assert (docs / "results" / "segmentation_generators" / "tiny_seg" / f"layout_3s_seed0{threads}_layout.png").is_file()
     assert "## 3D segmentation generators: tiny_seg" in (docs / "results.md").read_text()
@@ -89,6 +92,10 @@ def test_published_runs_merge_by_seed_variant_budget_and_sites(tmp_path):
     out.write_text(json.dumps(merged))
     merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [{**rec("a", 60.0, "s2", 0.7), "torch_threads": 2}]})
     assert sorted(r["pooled"]["mean_dice"] for r in merged["runs"] if (r["variant"], r["sites_sha256"]) == ("a", "s2")) == [0.6, 0.7]
+    # nor does a run on another processor (records before the processor was recorded count as another one)
+    out.write_text(json.dumps(merged))
+    merged = _merge_published(out, {"benchmark": "b", "variants": {}, "runs": [{**rec("a", 60.0, "s2", 0.8), "torch_threads": 2, "processor": "cpu X"}]})
+    assert sorted(r["pooled"]["mean_dice"] for r in merged["runs"] if (r["variant"], r["sites_sha256"]) == ("a", "s2")) == [0.6, 0.7, 0.8]
 
 
 def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path):

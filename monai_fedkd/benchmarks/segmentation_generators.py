@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from monai_fedkd.benchmarks._timing import processor_name
 from monai_fedkd.benchmarks.suite import DOCS, load_config, prepare_sites, sites_checksum, write_section
 from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, distill_central
 
@@ -53,6 +54,9 @@ BALANCED_CROPS = {"layout_options#class_balanced_crops": True}
 # default: 32 voxels a side or the sites' patch, whichever is smaller (pinned like NARROW_GENERATOR)
 PATCH_32 = {"synthesis_size": "$[min(int(s), 32) for s in @spatial_size]"}
 SITE_PATCH_SIZE = {"synthesis_size": "$[int(s) for s in @spatial_size]"}
+# the consensus term on every voxel: every variant measured before central_distillation 0.12.0 evaluated it so, and
+# pins it (like FLOAT32); the consensus variants below say what they change
+EVERY_VOXEL_CONSENSUS = {"consensus_voxel_stride": 1}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -133,6 +137,10 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # were trained on patches of that size with instance norm, and answer a smaller window far worse (IXI's sites
     # score 0.16 mean Dice through 32^3 sliding windows against 0.59 through their own 48^3)
     "layout_site_patch_size": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE}),
+    # the 0.11.0 default with the consensus term on one voxel in eight (every second voxel per axis, a random lattice
+    # each step; in 3D the term was most of the server's time per step), and without it (the suite's ablation)
+    "site_patch_consensus_stride_2": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "consensus_voxel_stride": 2}),
+    "site_patch_no_consensus": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "weights#consensus": 0.0}),
 }
 UPPER_BOUND = "real_inputs"
 # name -> overrides of the bundle config: the real-input bounds, the bundle's student on the sites' real patches of
@@ -251,7 +259,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                     model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v])
                 else:
                     extra, overrides = VARIANTS[v]
-                    pinned = {**FLOAT32, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
+                    pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                                 {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
                                                  "montage_interval": 1_000_000, **pinned, **overrides}, name=name, extra_configs=extra)
@@ -279,8 +287,9 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
-            # the budget is wall time, so the step count depends on the threads the distillation had (OMP_NUM_THREADS)
-            record = {"seed": seed, "variant": v, "seconds": seconds, "torch_threads": torch.get_num_threads(), "sites_sha256": sites_sha256,
+            # the budget is wall time, so the step count depends on the processor and the threads the distillation had
+            record = {"seed": seed, "variant": v, "seconds": seconds, "torch_threads": torch.get_num_threads(), "processor": processor_name(),
+                      "sites_sha256": sites_sha256,
                       "pooled": metrics[v]["pooled"],
                       "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
                       "steps": card["iterations"], "wall_s": wall,
@@ -385,7 +394,7 @@ def _threads(r: dict) -> int:
 
 
 def _run_key(r: dict) -> tuple:
-    return r["seed"], r["variant"], r["seconds"], _threads(r), r.get("sites_sha256")
+    return r["seed"], r["variant"], r["seconds"], _threads(r), r.get("processor"), r.get("sites_sha256")
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -406,7 +415,8 @@ def _by_variant(runs, default_seconds) -> dict[str, list[dict]]:
     by_variant: dict[str, list[dict]] = {}
     for r in runs:
         threads = f", {_threads(r)} threads" if _threads(r) > 1 else ""
-        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s{threads})", []).append(r)
+        processor = f", {r['processor']}" if r.get("processor") else ""  # records before 2026-12-05 did not say
+        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s{threads}{processor})", []).append(r)
     return by_variant
 
 
