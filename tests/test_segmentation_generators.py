@@ -58,6 +58,20 @@ def test_every_generator_variant_is_scored_on_the_same_sites(tmp_path, monkeypat
     assert "float16" in log.read_text() and not (log.parent / "generator_broken_3s" / "models" / "model.pt").exists()
     merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
     assert sorted(r["variant"] for r in merged["runs"]) == sorted([*variants, "layout_fg_student_augment"])
+    # a budget of steps instead of wall time: every variant (and the bound) takes exactly that many, on any machine,
+    # and its records stand beside the wall-time ones of the same variant
+    published = run(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), steps=2, variants=["layout", UPPER_BOUND], docs=docs)
+    by_steps = [r for r in published["runs"] if r.get("steps_budget")]
+    assert sorted(r["variant"] for r in by_steps) == sorted(["layout", UPPER_BOUND])
+    assert all(r["steps"] == 2 and r["steps_budget"] == 2 and r["seconds"] is None for r in by_steps)
+    card = json.loads((tmp_path / "runs" / "tiny_seg" / "seed0" / "generator_layout_2steps" / "central_card.json").read_text())
+    assert card["iterations"] == 2 and card["max_seconds"] is None
+    merged = json.loads((docs / "results" / "segmentation_generators_tiny_seg.json").read_text())
+    assert sorted(r["steps_budget"] for r in merged["runs"] if r["variant"] == "layout" and "steps_budget" in r) == [2]
+    assert [r["seconds"] for r in merged["runs"] if r["variant"] == "layout" and "steps_budget" not in r] == [3.0]
+    assert merged["seconds_per_variant"] == 3.0 and "layout (2 steps" in (docs / "results.md").read_text()
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        run(config, variants=["layout"], steps=0, docs=None)
     # the atlas check: leave-one-out layouts of every alignment and cell size, scored against the subject left out
     run_dir, site_dirs, site_files, _ = prepare_sites(load_config(config), 0, os.path.relpath(tmp_path / "runs"), SHARED_DATA)
     bound = read_site_card(run_dir / f"generator_{UPPER_BOUND}_3s")
@@ -141,3 +155,11 @@ def test_tables_compare_variants_on_shared_seeds_and_finalists_per_seed(tmp_path
     current, other = page.read_text().split("Finalists")[1].split("other site models", 1)
     assert "| x (60 s) | 0 | 0.700 | 0.710 |" in current and f"| {UPPER_BOUND} (60 s) |" not in current
     assert "newer0" in page.read_text() and f"| {UPPER_BOUND} (60 s) | 0.800 | 0.800 |" in page.read_text().split("newer0")[1]
+    # where the benchmark suite published a seed, its sites stay the seed's current ones when runs on sites trained
+    # anew elsewhere (another machine) are added later: the suite and this comparison keep speaking of the same models
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "b.json").write_text(json.dumps({"runs": [{"seed": 0, "sites_sha256": "new0"}]}))
+    write_markdown({"benchmark": "b", "seconds_per_variant": 60.0, "runs": [*runs, on(rec("x", 0, 0.2, 0.2, 0.7, 0.6), "elsewhere0")]}, page)
+    current, other = page.read_text().split("Finalists")[1].split("other site models", 1)
+    assert "| x (60 s) | 0 | 0.700 | 0.710 |" in current and "| x (60 s) | 0 | 0.200 |" not in current
+    assert "elsewhere0" in other

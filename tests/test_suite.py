@@ -8,8 +8,10 @@ import math
 import os
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA, require
+from monai_fedkd.benchmarks._timing import processor_name
 from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark, sites_checksum
 
 pytestmark = pytest.mark.slow
@@ -46,6 +48,10 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     assert (docs / "results" / "tiny_auroc.png").is_file() and (docs / "results" / "tiny_curves.png").is_file()
     assert "## Benchmark suite: tiny" in (docs / "results.md").read_text()
     assert results["records"] == written["records"]
+    # the distilled methods may run under a wall-time budget: the machine that bought their steps is named
+    run_entry = written["runs"][0]
+    assert run_entry["processor"] == processor_name() and run_entry["torch_threads"] == torch.get_num_threads()
+    assert f"seed 0 ({processor_name()}, {torch.get_num_threads()} threads): at the sites" in (docs / "results.md").read_text()
 
     # re-running one method on the same sites replaces its records and keeps every other method's
     def others(res):

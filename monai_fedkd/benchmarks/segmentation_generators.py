@@ -4,12 +4,13 @@
 
 For each seed the benchmark's sites (``monai-fedkd bench`` config, default ``ixi_acquisition``) are trained or
 reused, then every generator variant distils a central model through the ``central_distillation`` bundle under the
-same wall-time budget (``max_seconds``), and one evaluation scores them, the site ensembles and the site models on
+same wall-time budget (``max_seconds``; or, with ``--steps N``, the same number of generator steps, which does not
+depend on the machine), and one evaluation scores them, the site ensembles and the site models on
 every site's test split. Beside them, the real-input upper bound: the same student, cache and loss, trained on the
 sites' *real* training patches labelled by the site ensemble (not data-free; it separates the generator's gap from
 the distillation's). Written: ``docs/results/segmentation_generators_<benchmark>.json`` (Dice per class and mean,
 steps, wall time, final layout agreement and foreground share of every variant and seed),
-``docs/results/segmentation_generators/<benchmark>/<variant>_<budget>s_seed<k>.png`` (synthetic volumes with the ensemble's labels; for
+``docs/results/segmentation_generators/<benchmark>/<variant>_<budget>_seed<k>.png`` (budget ``600s`` or ``180steps``) (synthetic volumes with the ensemble's labels; for
 layout variants also the layouts) and a section of ``docs/results.md``.
 """
 
@@ -148,9 +149,11 @@ UPPER_BOUND = "real_inputs"
 UPPER_BOUNDS = {UPPER_BOUND: PATCH_32, "real_inputs_site_patch_size": SITE_PATCH_SIZE}
 
 
-def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, seed: int, overrides: dict | None = None) -> Path:
+def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float | None, seed: int, overrides: dict | None = None,
+                           steps: int | None = None) -> Path:
     """The bundle's student, cache and distillation loss on the sites' real training patches labelled by the
-    site ensemble, for ``seconds``; its card (role ``real_input_bound``) names the student and says it is not data-free.
+    site ensemble, for ``seconds`` (or ``steps`` queries of the ensemble, when given); its card (role
+    ``real_input_bound``) names the student and says it is not data-free.
     ``overrides`` change the bundle config (such as ``synthesis_size``, the size of the real patches)."""
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
@@ -179,7 +182,10 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg["student_lr"])
     ema, cache, loss_fn = _EMA(student, cfg["ema_decay"], warmup=cfg["ema_warmup"]), SampleCache(cfg["cache_size"]), DistillationLoss(dice_weight=cfg["student_dice_weight"])
     g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    def progress() -> float:  # the share of the budget spent, for the stopping rule and a cosine schedule
+        return step / steps if steps is not None else (time.perf_counter() - start) / seconds
+
+    while progress() < 1.0:
         site = sites[step % len(sites)]
         x = site._real_batch(cfg["batch_size"], g, size=size)  # in-process diagnostic: the site's own real patches, generator-sized
         answers = transport.query(QueryRequest(x, step, {}, want_input_grad=False, update_discriminator=False), sites=names)
@@ -189,7 +195,7 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
         student.train()
         if cfg["student_lr_schedule"] == "cosine":  # the bundle's schedule over the same budget
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg["student_lr"], (time.perf_counter() - start) / seconds)
+                group["lr"] = cosine_lr(cfg["student_lr"], progress())
         for _ in range(cfg["student_steps"]):
             xb, pb = cache.sample(cfg["student_batch_size"], g)
             loss = loss_fn(student(xb), pb)
@@ -198,7 +204,7 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float, s
             optimizer.step()
             ema.update(student)
         step += 1
-    template = {**cards[names[0]], "network_def": network_definition(student), "seed": seed, "iterations": step, "max_seconds": seconds,
+    template = {**cards[names[0]], "network_def": network_definition(student), "seed": seed, "iterations": step, "max_seconds": None if steps is not None else seconds,
                 "upper_bound": "student distilled on the sites' real training patches (not data-free)"}
     write_global_model(ema.model.state_dict(), template, output_dir, "real_input_bound",
                        {"sites": names, "batch_size": cfg["batch_size"], "student_steps": cfg["student_steps"], "student_lr": cfg["student_lr"],
@@ -219,18 +225,33 @@ def _scalars(run_dir: Path, tags) -> dict:
     return {t: statistics.mean(e.value for e in acc.Scalars(t)[-20:]) for t in tags if t in have}
 
 
-def _finished(model_dir: Path, seconds: float) -> dict | None:
+def _finished(model_dir: Path, seconds: float | None, steps: int | None = None) -> dict | None:
     """The card of a variant already built under the same budget (reused with ``reuse=True``)."""
     card = model_dir / "central_card.json"
     if not (card.is_file() and (model_dir / "models" / "model.pt").is_file()):
         return None
     card = json.loads(card.read_text())
+    if steps is not None:
+        return card if card.get("max_seconds") is None and card.get("iterations") == steps else None
     return card if card.get("max_seconds") == seconds else None
 
 
+def _budget_name(seconds: float | None, steps: int | None) -> str:
+    """A budget in folder and file names: ``600s`` (wall time) or ``150steps`` (generator steps)."""
+    return f"{steps}steps" if steps is not None else f"{seconds:.0f}s"
+
+
 def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", seeds=None, seconds: float = 600.0, variants=None,
-        docs: Path | None = DOCS, reuse: bool = False) -> dict:
+        docs: Path | None = DOCS, reuse: bool = False, steps: int | None = None) -> dict:
+    """``steps``: give every variant this many generator steps instead of ``seconds`` of wall time. A wall-time budget
+    compares what each variant buys in the same time, but its step count follows the processor and whatever else
+    slows the machine; a step budget compares the variants' objectives alone, reproducibly."""
     cfg = load_config(benchmark)
+    if steps is not None:
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        steps, seconds = int(steps), None
+    budget = _budget_name(seconds, steps)
     variants = list(variants or VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS) - set(UPPER_BOUNDS))
     if unknown:
@@ -248,20 +269,21 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         elsewhere = _published_on_other_sites(out_json, sites_sha256)  # their montages keep their names
         built = {}
         for v in variants:
-            name = f"generator_{v}_{seconds:.0f}s"  # one folder per variant and budget
+            name = f"generator_{v}_{budget}"  # one folder per variant and budget
             t0 = time.perf_counter()
-            if reuse and (card := _finished(run_dir / name, seconds)) is not None:
+            if reuse and (card := _finished(run_dir / name, seconds, steps)) is not None:
                 logger.info("reusing %s (built under the same budget)", run_dir / name)
                 built[v] = (run_dir / name, None, card)
                 continue
             try:
                 if v in UPPER_BOUNDS:
-                    model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v])
+                    model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v], steps=steps)
                 else:
                     extra, overrides = VARIANTS[v]
                     pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
-                                                {"seed": seed, "iterations": 1_000_000, "max_seconds": seconds, "checkpoint_interval": 1_000_000,
+                                                {"seed": seed, **({"iterations": steps} if steps else {"iterations": 1_000_000, "max_seconds": seconds}),
+                                                 "checkpoint_interval": 1_000_000,
                                                  "montage_interval": 1_000_000, **pinned, **overrides}, name=name, extra_configs=extra)
             except Exception as e:  # a queue of hour-long variants goes on past one that fails; the run says so at the end
                 logger.error("variant %s failed on seed %d; the others go on: %s", v, seed, e)
@@ -271,7 +293,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         if not built:
             continue
         # one evaluation folder per budget and set of variants: runs of other variants may evaluate at the same time
-        tag = f"{seconds:.0f}s_" + "_".join(sorted(variants))
+        tag = f"{budget}_" + "_".join(sorted(variants))
 
         def evaluate(key: str) -> dict:
             out = run_dir / f"eval_generators_{tag}" if key == "test" else run_dir / f"eval_generators_{tag}_{key}"
@@ -287,8 +309,8 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
         reference = {"ensemble_weighted": metrics["ensemble_weighted"]["pooled"], "ensemble_mean": metrics["ensemble_mean"]["pooled"],
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
-            # the budget is wall time, so the step count depends on the processor and the threads the distillation had
-            record = {"seed": seed, "variant": v, "seconds": seconds, "torch_threads": torch.get_num_threads(), "processor": processor_name(),
+            # under a wall-time budget the step count depends on the processor and the threads the distillation had
+            record = {"seed": seed, "variant": v, "seconds": seconds, **({"steps_budget": steps} if steps else {}), "torch_threads": torch.get_num_threads(), "processor": processor_name(),
                       "sites_sha256": sites_sha256,
                       "pooled": metrics[v]["pooled"],
                       "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
@@ -300,8 +322,8 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                 folder = Path(docs) / "results" / "segmentation_generators" / cfg["name"]  # variant names repeat across benchmarks
                 folder.mkdir(parents=True, exist_ok=True)
                 last = [m for m in montages if not m.stem.endswith("_layout")][-1]
-                stem = f"{v}_{seconds:.0f}s_seed{seed}" + (f"_{_threads(record)}threads" if _threads(record) > 1 else "")
-                if (seed, v, seconds) in elsewhere:
+                stem = f"{v}_{budget}_seed{seed}" + (f"_{_threads(record)}threads" if _threads(record) > 1 else "")
+                if (seed, v, seconds, steps) in elsewhere:
                     stem += f"_sites{sites_sha256[:8]}"  # the published montage of that name shows the earlier sites' run
                 shutil.copyfile(last, folder / f"{stem}.png")
                 layout = last.with_name(last.stem + "_layout.png")
@@ -377,15 +399,18 @@ def _merge_published(out_json: Path, results: dict) -> dict:
     mine = {_run_key(r) for r in produced}
     kept = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]  # early records named their budget once
     kept = [r for r in kept if _run_key(r) not in mine]
-    return {**results, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + produced}
+    # a step-budget run has no wall-time budget: the file's legacy default (the budget of records that did not name one) stays
+    seconds_per_variant = results.get("seconds_per_variant") if results.get("seconds_per_variant") is not None else old.get("seconds_per_variant")
+    return {**results, "seconds_per_variant": seconds_per_variant, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + produced}
 
 
 def _published_on_other_sites(out_json: Path | None, sites_sha256: str) -> set[tuple]:
-    """(seed, variant, seconds) of the published runs made from other site models than ``sites_sha256``."""
+    """(seed, variant, seconds, steps budget) of the published runs made from other site models than ``sites_sha256``."""
     if out_json is None or not out_json.is_file():
         return set()
     old = json.loads(out_json.read_text())
-    return {(r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant"))) for r in old["runs"] if r.get("sites_sha256") != sites_sha256}
+    return {(r["seed"], r["variant"], r.get("seconds", old.get("seconds_per_variant")), r.get("steps_budget")) for r in old["runs"]
+            if r.get("sites_sha256") != sites_sha256}
 
 
 def _threads(r: dict) -> int:
@@ -394,7 +419,7 @@ def _threads(r: dict) -> int:
 
 
 def _run_key(r: dict) -> tuple:
-    return r["seed"], r["variant"], r["seconds"], _threads(r), r.get("processor"), r.get("sites_sha256")
+    return r["seed"], r["variant"], r["seconds"], r.get("steps_budget"), _threads(r), r.get("processor"), r.get("sites_sha256")
 
 
 MARK_START, MARK_END = "<!-- segmentation_generators:{}:start -->", "<!-- segmentation_generators:{}:end -->"
@@ -416,7 +441,8 @@ def _by_variant(runs, default_seconds) -> dict[str, list[dict]]:
     for r in runs:
         threads = f", {_threads(r)} threads" if _threads(r) > 1 else ""
         processor = f", {r['processor']}" if r.get("processor") else ""  # records before 2026-12-05 did not say
-        by_variant.setdefault(f"{r['variant']} ({r.get('seconds', default_seconds):.0f} s{threads}{processor})", []).append(r)
+        budget = f"{r['steps_budget']} steps" if r.get("steps_budget") else f"{r.get('seconds', default_seconds):.0f} s"
+        by_variant.setdefault(f"{r['variant']} ({budget}{threads}{processor})", []).append(r)
     return by_variant
 
 
@@ -450,16 +476,27 @@ def _screening_lines(by_variant: dict[str, list[dict]], classes: list[str]) -> t
     return screen, lines
 
 
+def _suite_sites(suite_json: Path) -> dict[int, str]:
+    """seed -> the site models' checksum of each seed the benchmark suite published (``monai-fedkd bench``), if any."""
+    if not suite_json.is_file():
+        return {}
+    return {r["seed"]: r["sites_sha256"] for r in json.loads(suite_json.read_text()).get("runs", []) if r.get("sites_sha256")}
+
+
 def write_markdown(results: dict, page: Path) -> None:
     """One screening table per seed (every variant run on that seed, so that rows compare like with like) and the
     finalists' table (every variant run on more than one seed: each seed against its own references and the target),
-    both over the runs made from each seed's current site models (those of its latest generator run: a real-input bound
-    alone on other sites has nothing data-free beside it); below them, one screening table per seed and other site
+    both over the runs made from each seed's current site models (those the benchmark suite published for the seed, else
+    those of its latest generator run: a real-input bound alone on other sites has nothing data-free beside it); below them, one screening table per seed and other site
     models, over the runs made from those."""
     name = results["benchmark"]
     mean, fmt = _mean, _fmt
     current = {r["seed"]: r.get("sites_sha256") for r in results["runs"]}  # records are in the order they were made
     current.update({r["seed"]: r.get("sites_sha256") for r in results["runs"] if r["variant"] not in UPPER_BOUNDS})
+    # where the benchmark suite published a seed, its site models are the seed's current ones, so that this comparison
+    # and the suite's tables speak of the same models (runs on sites trained anew elsewhere go to the tables below)
+    made = {(r["seed"], r.get("sites_sha256")) for r in results["runs"]}
+    current.update({seed: sha for seed, sha in _suite_sites(page.parent / "results" / f"{name}.json").items() if (seed, sha) in made})
     now = [r for r in results["runs"] if r.get("sites_sha256") == current[r["seed"]]]
     earlier = [r for r in results["runs"] if r.get("sites_sha256") != current[r["seed"]]]
     classes = sorted({c for r in results["runs"] for c in (r["pooled"].get("dice") or {})})
@@ -498,7 +535,8 @@ def write_markdown(results: dict, page: Path) -> None:
     lines += ["", "Montages (synthetic volumes with the ensemble's labels; `_layout`: with the layout asked for): "
               f"`docs/results/segmentation_generators/{name}/`.", "",
               f"Reproduce: `python -m monai_fedkd.benchmarks.segmentation_generators {name} --mirror ../shared/data "
-              f"--seconds S --seeds K --variants ...` (records: `docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
+              f"--seconds S --seeds K --variants ...`, or `--steps N` for the rows of N steps (records: "
+              f"`docs/results/segmentation_generators_{name}.json`).", MARK_END.format(name)]
     write_section(page, MARK_START.format(name), MARK_END.format(name), lines)
 
 
@@ -509,6 +547,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="runs/bench")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--seconds", type=float, default=600.0, help="distillation wall-time budget per variant")
+    parser.add_argument("--steps", type=int, default=None, help="a budget of generator steps per variant instead of --seconds "
+                        "(reproducible on any machine; the wall time is recorded)")
     parser.add_argument("--variants", nargs="+", default=None, help=f"default: all of {list(VARIANTS)}; also {list(UPPER_BOUNDS)}")
     parser.add_argument("--docs", default=str(DOCS))
     parser.add_argument("--reuse", action="store_true", help="keep variants already built under the same budget")
@@ -526,7 +566,8 @@ def main(argv=None) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(match, indent=2) + "\n")
         return 0
-    run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None, args.reuse)
+    run(args.benchmark, args.mirror, args.workdir, args.seeds, args.seconds, args.variants, Path(args.docs) if args.docs else None, args.reuse,
+        steps=args.steps)
     return 0
 
 

@@ -34,7 +34,10 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
 from monai_fedkd import pipeline
+from monai_fedkd.benchmarks._timing import processor_name
 from monai_fedkd.pipeline import BUNDLES_DIR, run_logged, bundle_command, dataset_overrides, distill_central, run_pipeline, seed_data_dir
 
 __all__ = ["METHODS", "load_config", "prepare_sites", "run_benchmark", "write_markdown"]
@@ -81,8 +84,6 @@ def _self_peak_mb() -> float:
 
 
 def _param_bytes(model_dir: Path) -> int:
-    import torch
-
     state = torch.load(model_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
     return int(sum(v.numel() * v.element_size() for v in state.values()))
 
@@ -238,7 +239,9 @@ def run_benchmark(config: str | os.PathLike, mirror=None, workdir: str | os.Path
         entry = {"seed": seed, "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(), "sites_sha256": sites_sha256,
                  "phases_s": {"sites": sites_wall, "evaluation": time.perf_counter() - t0, **{m: c["wall_s"] for m, c in costs.items()}},
                  "site_training_s": json.loads((run / "timings.json").read_text()), "methods": costs,
-                 "bundle_versions": _bundle_versions(), "primary_metric": metrics["meta"]["primary_metric"]}
+                 "bundle_versions": _bundle_versions(), "primary_metric": metrics["meta"]["primary_metric"],
+                 # a wall-time budget (max_seconds) buys steps by the processor and threads, which the records name
+                 "processor": processor_name(), "torch_threads": torch.get_num_threads()}
         if earlier is not None:
             records, entry = _rerun_merged(earlier, records, entry, rerun)
         results["records"] += records
@@ -284,7 +287,8 @@ def _rerun_merged(earlier: Mapping, records: list[dict], entry: dict, rerun: lis
     merged = {**old, "methods": {**old["methods"], **entry["methods"]},
               "phases_s": {**old["phases_s"], **{m: c["wall_s"] for m, c in entry["methods"].items()}},
               "reruns": [*old.get("reruns", []), {"methods": rerun, "bundle_versions": entry["bundle_versions"],
-                                                  "evaluation_s": entry["phases_s"]["evaluation"]}]}
+                                                  "evaluation_s": entry["phases_s"]["evaluation"],
+                                                  "processor": entry["processor"], "torch_threads": entry["torch_threads"]}]}
     return kept + records, merged
 
 
@@ -465,9 +469,10 @@ def write_markdown(results: Mapping, page: Path) -> None:
     prof = [(r["seed"], r["methods"]["ours"]) for r in results["runs"] if "ours" in r["methods"]]
     if prof:
         lines += ["", "One generator step of `ours`:"]
+    machine = {r["seed"]: f" ({r['processor']}, {r['torch_threads']} threads)" if r.get("processor") else "" for r in results["runs"]}
     for seed, costs in prof:
         p = costs["generator_step_profile_ms"]
-        lines.append(f"- seed {seed}: at the sites {p['at_sites']:.1f} ms, server cross-site terms {p['server_cross_site_terms']:.1f} ms, "
+        lines.append(f"- seed {seed}{machine[seed]}: at the sites {p['at_sites']:.1f} ms, server cross-site terms {p['server_cross_site_terms']:.1f} ms, "
                      f"transport {p['transport']:.2f} ms, student {p['student']:.1f} ms"
                      + (f", the generator's forward, backward and update {p['generator']:.1f} ms" if "generator" in p else "") + "; "
                      f"framework overhead beyond site compute {100 * costs['framework_overhead']:.1f} % (aim: under 25 %).")
