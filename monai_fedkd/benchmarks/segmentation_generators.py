@@ -10,8 +10,8 @@ every site's test split. Beside them, the real-input upper bound: the same stude
 sites' *real* training patches labelled by the site ensemble (not data-free; it separates the generator's gap from
 the distillation's). Written: ``docs/results/segmentation_generators_<benchmark>.json`` (Dice per class and mean,
 steps, wall time, final layout agreement and foreground share of every variant and seed),
-``docs/results/segmentation_generators/<benchmark>/<variant>_<budget>_seed<k>.png`` (budget ``600s`` or ``180steps``) (synthetic volumes with the ensemble's labels; for
-layout variants also the layouts) and a section of ``docs/results.md``.
+``docs/results/segmentation_generators/<benchmark>/<variant>_<budget>_seed<k>.png`` (budget ``600s`` or ``180steps``;
+synthetic volumes with the ensemble's labels, for layout variants also the layouts) and a section of ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def real_input_upper_bound(sites_json: Path, output_dir: Path, seconds: float | 
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg["student_lr"])
     ema, cache, loss_fn = _EMA(student, cfg["ema_decay"], warmup=cfg["ema_warmup"]), SampleCache(cfg["cache_size"]), DistillationLoss(dice_weight=cfg["student_dice_weight"])
     g, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
+
     def progress() -> float:  # the share of the budget spent, for the stopping rule and a cosine schedule
         return step / steps if steps is not None else (time.perf_counter() - start) / seconds
 
@@ -310,8 +311,8 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                      "mean_local": {"mean_dice": statistics.mean(metrics[s]["pooled"]["mean_dice"] for s in sites)}}
         for v, (d, wall, card) in built.items():
             # under a wall-time budget the step count depends on the processor and the threads the distillation had
-            record = {"seed": seed, "variant": v, "seconds": seconds, **({"steps_budget": steps} if steps else {}), "torch_threads": torch.get_num_threads(), "processor": processor_name(),
-                      "sites_sha256": sites_sha256,
+            record = {"seed": seed, "variant": v, "seconds": seconds, **({"steps_budget": steps} if steps else {}),
+                      "torch_threads": torch.get_num_threads(), "processor": processor_name(), "sites_sha256": sites_sha256,
                       "pooled": metrics[v]["pooled"],
                       "validation": {"mean_dice": validation[v]["pooled"]["mean_dice"], "ensemble_weighted": validation["ensemble_weighted"]["pooled"]["mean_dice"]},
                       "steps": card["iterations"], "wall_s": wall,
@@ -400,7 +401,7 @@ def _merge_published(out_json: Path, results: dict) -> dict:
     kept = [{"seconds": old.get("seconds_per_variant"), **r} for r in old["runs"]]  # early records named their budget once
     kept = [r for r in kept if _run_key(r) not in mine]
     # a step-budget run has no wall-time budget: the file's legacy default (the budget of records that did not name one) stays
-    seconds_per_variant = results.get("seconds_per_variant") if results.get("seconds_per_variant") is not None else old.get("seconds_per_variant")
+    seconds_per_variant = results.get("seconds_per_variant") or old.get("seconds_per_variant")
     return {**results, "seconds_per_variant": seconds_per_variant, "variants": {**old.get("variants", {}), **results["variants"]}, "runs": kept + produced}
 
 
@@ -487,8 +488,8 @@ def write_markdown(results: dict, page: Path) -> None:
     """One screening table per seed (every variant run on that seed, so that rows compare like with like) and the
     finalists' table (every variant run on more than one seed: each seed against its own references and the target),
     both over the runs made from each seed's current site models (those the benchmark suite published for the seed, else
-    those of its latest generator run: a real-input bound alone on other sites has nothing data-free beside it); below them, one screening table per seed and other site
-    models, over the runs made from those."""
+    those of its latest generator run: a real-input bound alone on other sites has nothing data-free beside it); below
+    them, one screening table per seed and other site models, over the runs made from those."""
     name = results["benchmark"]
     mean, fmt = _mean, _fmt
     current = {r["seed"]: r.get("sites_sha256") for r in results["runs"]}  # records are in the order they were made
