@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import dataset_info, ok as _ok, run_bundle
 from monai_fedkd.networks import build_network, precision
+from monai_fedkd.networks.memory_format import resolve_memory_format, to_memory_format
 from monai_fedkd.pipeline import dataset_overrides
 from monai_fedkd.server import CentralDistillation, check_site_cards
 from monai_fedkd.site import load_site_model, read_site_card
@@ -586,11 +587,72 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["prior_warmup_iterations"] == 2 and card["class_intensity_options"] == {"per_sample": True}
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     assert card["consensus_voxel_stride"] == 2, "3D segmentation evaluates the consensus on one voxel in eight by default"
+    assert card["memory_format"] == "channels_last", "3D segmentation on CPU runs the student channels-last by default"
+    assert all(p.is_contiguous() for p in net.parameters()), "the model file is written contiguous whatever the run's layout"
     # segmentation's default precision "auto" resolves on this machine's CPU, and the card says what ran
     assert card["autocast_dtype"] == precision.resolve_autocast_dtype("auto", "cpu")
     assert next(net.parameters()).dtype == torch.float32
     for a in card["layouts"]["atlas"].values():  # the whole field of view (at least the 16^3 patch), 2-voxel cells
         assert a["subjects"] == 2 and all(s >= 16 for s in a["spatial_size"]) and a["grid"] == [-(-s // 2) for s in a["spatial_size"]]
+
+
+def test_memory_format_is_resolved_per_dims_and_device_and_bad_names_are_refused():
+    assert resolve_memory_format("auto", 3, "cpu") == "channels_last"
+    assert resolve_memory_format("auto", 2, "cpu") == resolve_memory_format("auto", 3, "meta") == "contiguous"
+    assert resolve_memory_format(None, 3, "cpu") == "contiguous" and resolve_memory_format("channels_last", 2, "cpu") == "channels_last"
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        resolve_memory_format("nhwc", 3, "cpu")
+    with pytest.raises(ValueError, match="needs 2 or 3 spatial dims"):
+        resolve_memory_format("channels_last", 1, "cpu")
+    net = to_memory_format(torch.nn.Conv3d(2, 4, 3), "channels_last", 3)
+    assert net.weight.is_contiguous(memory_format=torch.channels_last_3d) and not net.weight.is_contiguous()
+    assert to_memory_format(torch.rand(2, 3), "channels_last", 3).is_contiguous(), "a (B, C) output has no layout to change"
+
+
+def _in_channels_last(net: torch.nn.Module) -> bool:
+    """Whether the 3D kernels of ``net`` are laid out channels-last (kernels of one input channel or of one voxel are
+    both layouts at once, so they are left out)."""
+    kernels = [p for p in net.parameters() if p.ndim == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
+    return bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous() for p in kernels)
+
+
+def test_channels_last_site_and_student_compute_the_same_as_contiguous(seg_sites, tmp_path):
+    """The layout changes how the networks compute, not what: a channels-last site answers (outputs, input-gradient,
+    VJP) as a contiguous one does up to float rounding and sends contiguous tensors; a channels-last student learns the
+    same model from the same queries."""
+    size = QuerySite(seg_sites[0][0]).card["input"]["spatial_size"]
+    x = torch.rand(2, 1, *size)
+    answers, vjps = {}, {}
+    for fmt in ("contiguous", "channels_last"):
+        site = QuerySite(seg_sites[0][0], seed=1, memory_format=fmt)
+        assert site.memory_format == fmt
+        answers[fmt] = site.answer(QueryRequest(x, step=0, local_weights={"entropy": 1.0}))
+        vjps[fmt] = site.vjp(torch.ones_like(answers[fmt].outputs))
+    assert _in_channels_last(site.network)
+    for a, b in ((answers["channels_last"].outputs, answers["contiguous"].outputs),
+                 (answers["channels_last"].local_input_grad, answers["contiguous"].local_input_grad), (vjps["channels_last"], vjps["contiguous"])):
+        assert a.is_contiguous(), "what crosses the transport is contiguous"
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+    def central(fmt):
+        sites = [QuerySite(d, seed=7 + i, memory_format=fmt) for i, (d, _) in enumerate(seg_sites)]
+        for s in sites:  # the tiny test sites share no atlas: the unconditional 3D generator
+            s.card.pop("atlas", None)
+        torch.manual_seed(0)
+        gen = build_network("monai_fedkd.networks.generators.ConditionalGenerator", spatial_dims=3, out_channels=1, spatial_size=size,
+                            num_classes=None, latent_dim=8, base_channels=4, init_mean=0.4)
+        student = build_network("UNet", spatial_dims=3, in_channels=1, out_channels=6, channels=[4, 8], strides=[2], num_res_units=0)
+        engine = CentralDistillation(InProcessTransport(sites), gen, student, tmp_path / fmt, iterations=2, batch_size=2, student_steps=2,
+                                     student_batch_size=2, cache_size=8, checkpoint_interval=10, montage_interval=10, seed=3, progress=False,
+                                     memory_format=fmt)
+        assert _in_channels_last(engine.student) == (fmt == "channels_last") and _in_channels_last(engine.ema.model) == (fmt == "channels_last")
+        return load_site_model(engine.run().parents[1])
+
+    (net_c, card_c), (net_l, card_l) = central("contiguous"), central("channels_last")
+    assert (card_c["memory_format"], card_l["memory_format"]) == ("contiguous", "channels_last")
+    for a, b in zip(net_l.state_dict().values(), net_c.state_dict().values()):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_bundle_3d_segmentation_unconditional(seg_sites, tmp_path):
@@ -684,6 +746,22 @@ def test_precision_benchmark_records_the_processor_and_what_auto_chose(tmp_path)
         assert case["speedup"] == pytest.approx(case["float32_s"] / case["bfloat16_s"])
 
 
+def test_memory_format_benchmark_times_both_layouts_of_every_case(tmp_path, monkeypatch):
+    from monai_fedkd.benchmarks import memory_format_step
+
+    laid_out = []  # the layout of the input each timed pass saw
+    real = memory_format_step.to_memory_format
+    monkeypatch.setattr(memory_format_step, "to_memory_format", lambda v, fmt, dims: laid_out.append(fmt) or real(v, fmt, dims))
+    assert memory_format_step.main(["--repeats", "1", "--docs", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results" / "memory_format_step.json").read_text())
+    assert record["processor"] and record["auto_precision_resolves_to"] == precision.resolve_autocast_dtype("auto", "cpu")
+    assert set(record["cases"]) == set(memory_format_step.CASES)
+    assert laid_out.count("channels_last") == laid_out.count("contiguous") == 2 * len(memory_format_step.CASES)  # net and input
+    for case in record["cases"].values():
+        assert case["channels_last_s"] > 0 and case["contiguous_s"] > 0 and len(case["contiguous_all_s"]) == 1
+        assert case["speedup"] == pytest.approx(case["contiguous_s"] / case["channels_last_s"])
+
+
 def test_segmentation_synthesizes_at_the_sites_patch_size_and_warns_otherwise():
     """The sites label the server's patches with networks trained on patches of their card's size; the segmentation
     default synthesizes that size (any size, anisotropic too), and a smaller one is named per site."""
@@ -720,6 +798,7 @@ def test_bundle_2d_segmentation(seg2d_sites, tmp_path):
     assert card["generator_def"]["name"].endswith("LayoutGenerator") and card["generator_def"]["spatial_dims"] == 2
     assert card["generator_def"]["spatial_size"] == [32, 32], "synthesis at the sites' own 2D patch"
     assert card["consensus_voxel_stride"] == 1, "2D segmentation keeps the consensus on every pixel"
+    assert card["memory_format"] == "contiguous", "'auto' picks channels-last only for 3D, where it was measured"
     assert card["layouts"]["atlas_sites"] == sorted(Path(d).name for d, _ in seg2d_sites)
     assert all(len(a["spatial_size"]) == 2 and a["subjects"] == 2 for a in card["layouts"]["atlas"].values())
     assert net(torch.rand(1, 1, 32, 32)).shape == (1, card["classes"]["num_classes"], 32, 32)

@@ -58,6 +58,10 @@ SITE_PATCH_SIZE = {"synthesis_size": "$[int(s) for s in @spatial_size]"}
 # the consensus term on every voxel: every variant measured before central_distillation 0.12.0 evaluated it so, and
 # pins it (like FLOAT32); the consensus variants below say what they change
 EVERY_VOXEL_CONSENSUS = {"consensus_voxel_stride": 1}
+# the student's and the sites' networks in the contiguous layout: every variant measured before central_distillation
+# 0.13.0 ("auto": channels-last in 3D on CPU) computed so, and pins it; the layout variant below says what it changes
+CONTIGUOUS = {"memory_format": "contiguous", "site_options#memory_format": "contiguous"}
+CHANNELS_LAST = {"memory_format": "channels_last", "site_options#memory_format": "channels_last"}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -142,6 +146,9 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # each step; in 3D the term was most of the server's time per step), and without it (the suite's ablation)
     "site_patch_consensus_stride_2": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "consensus_voxel_stride": 2}),
     "site_patch_no_consensus": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "weights#consensus": 0.0}),
+    # the 0.12.0 default with the student and the site networks in channels-last (the same objective, faster steps
+    # in 3D on CPU)
+    "site_patch_channels_last": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "consensus_voxel_stride": 2, **CHANNELS_LAST}),
 }
 UPPER_BOUND = "real_inputs"
 # name -> overrides of the bundle config: the real-input bounds, the bundle's student on the sites' real patches of
@@ -281,7 +288,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                     model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v], steps=steps)
                 else:
                     extra, overrides = VARIANTS[v]
-                    pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
+                    pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **CONTIGUOUS, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                                 {"seed": seed, **({"iterations": steps} if steps else {"iterations": 1_000_000, "max_seconds": seconds}),
                                                  "checkpoint_interval": 1_000_000,

@@ -32,6 +32,7 @@ from monai_fedkd.data.datalist import load_datalist
 from monai_fedkd.data.transforms import card_preprocessing
 from monai_fedkd.losses import BatchNormStatisticsLoss, EntropyLoss, has_batchnorm
 from monai_fedkd.networks.discriminators import PatchDiscriminatorScore, discriminator_loss, realism_loss
+from monai_fedkd.networks.memory_format import resolve_memory_format, to_memory_format
 from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
 from monai_fedkd.site.atlas import AtlasAccumulator, preprocessed_subjects, publish_atlas
 from monai_fedkd.site.card import load_site_model
@@ -85,6 +86,9 @@ class QuerySite:
         autocast_dtype: ``"bfloat16"``: the site's network and discriminator run their forward passes under autocast
             (:mod:`monai_fedkd.networks.precision`); what the site releases is float32 either way. ``None``: float32.
             ``"auto"``: bfloat16 where this site's device computes it natively and right, else float32.
+        memory_format: the layout its network computes in (:mod:`monai_fedkd.networks.memory_format`):
+            ``"channels_last"``, ``"contiguous"`` (or ``None``) or ``"auto"`` (channels-last for 3D on CPU). What the
+            site releases is the same up to float rounding and is sent contiguous.
     """
 
     # building the site (network, discriminator) must not move the caller's random state: the server's generator
@@ -106,11 +110,14 @@ class QuerySite:
         state_dir: str | os.PathLike | None = None,
         policy: Mapping | None = None,
         autocast_dtype: str | None = None,
+        memory_format: str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype, self.device)
         self.network, self.card = load_site_model(site_dir, device=self.device)
+        self.memory_format = resolve_memory_format(memory_format, self.card["spatial_dims"], self.device)
+        self.network = to_memory_format(self.network, self.memory_format, self.card["spatial_dims"])
         for p in self.network.parameters():
             p.requires_grad_(False)
         self.name = name or self.card["site"]
@@ -230,7 +237,7 @@ class QuerySite:
         self.stats.bytes_received += payload_bytes(request.inputs)
         # a forward-only query builds no graph: no gradient is returned and no VJP can follow it
         differentiable = not request.forward_only
-        x = x.detach().requires_grad_(differentiable)
+        x = to_memory_format(x.detach(), self.memory_format, self.card["spatial_dims"]).requires_grad_(differentiable)
         with torch.set_grad_enabled(differentiable):
             self.network.eval()
             if self._bn is not None:
@@ -260,10 +267,10 @@ class QuerySite:
             grad = None
             if differentiable and request.want_input_grad and self.policy.return_gradients:
                 grad = torch.autograd.grad(local, x, retain_graph=True)[0] if local.requires_grad else torch.zeros_like(x)
-                grad = self.policy.release_gradient(grad.cpu(), self._noise)
+                grad = self.policy.release_gradient(grad.cpu().contiguous(), self._noise)
                 self.ledger.record(grad.shape[0])
             pre = self.policy.pre_release(logits)  # what a VJP differentiates: the released values before noise
-            outputs, kind, mechanisms = self.policy.release(pre.detach().float().cpu(), self._noise)
+            outputs, kind, mechanisms = self.policy.release(pre.detach().float().cpu().contiguous(), self._noise)
             self.ledger.record(mechanisms)
         self._last = (x, pre) if differentiable else None
         if request.update_discriminator and self.discriminator is not None:
@@ -301,7 +308,7 @@ class QuerySite:
         self.stats.bytes_received += payload_bytes(cotangent)
         (grad,) = torch.autograd.grad(released, x, cotangent.to(released), retain_graph=False)
         self._last = None
-        grad = self.policy.release_gradient(grad.cpu(), self._noise)
+        grad = self.policy.release_gradient(grad.cpu().contiguous(), self._noise)
         self.ledger.record(grad.shape[0])
         self.stats.bytes_sent += payload_bytes(grad)
         self.stats.seconds_at_site += time.perf_counter() - start
