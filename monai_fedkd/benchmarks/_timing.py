@@ -6,6 +6,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,6 +25,25 @@ def processor_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def forward_backward_times(net: torch.nn.Module, x: torch.Tensor, repeats: int, autocast_dtype: str | None = None) -> list[float]:
+    """Seconds of ``repeats`` forward and backward passes of ``net`` on ``x`` (``x`` requires grad: to the input, as a
+    site answering a query does, and to the weights, as the student's update does), after one uncounted pass that warms
+    up allocators and oneDNN's kernels; the forward pass under ``autocast_dtype``."""
+    from monai_fedkd.networks.precision import autocast
+
+    times = []
+    for i in range(repeats + 1):
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        t0 = time.perf_counter()
+        with autocast(x.device, autocast_dtype):
+            out = net(x)
+        out.float().square().mean().backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def compare_variants(argv, description: str, cases: Mapping[str, dict], variants: Mapping[str, Callable[[dict, int], list[float]]],

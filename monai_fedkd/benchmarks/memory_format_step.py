@@ -15,14 +15,12 @@ library; this is why ``"auto"`` covers only what was measured to gain.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from monai_fedkd.benchmarks._timing import compare_variants
+from monai_fedkd.benchmarks._timing import compare_variants, forward_backward_times
 from monai_fedkd.networks import build_network
 from monai_fedkd.networks.memory_format import to_memory_format
-from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
+from monai_fedkd.networks.precision import resolve_autocast_dtype
 
 _IXI_UNET = {"name": "UNet", "in_channels": 1, "out_channels": 6, "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1,
              "norm": "instance"}
@@ -43,17 +41,7 @@ def _time(case: dict, repeats: int, memory_format: str, seed: int = 0) -> list[f
     dims = len(case["input"]) - 2
     net = to_memory_format(build_network(**case["network"]), memory_format, dims)
     x = to_memory_format(torch.rand(*case["input"]), memory_format, dims).requires_grad_(True)
-    times = []
-    for i in range(repeats + 1):  # the first pass warms up allocators (and oneDNN's kernels) and is not counted
-        net.zero_grad(set_to_none=True)
-        x.grad = None
-        t0 = time.perf_counter()
-        with autocast("cpu", case["dtype"]):
-            out = net(x)
-        out.float().square().mean().backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return times
+    return forward_backward_times(net, x, repeats, case["dtype"])
 
 
 def main(argv=None) -> int:

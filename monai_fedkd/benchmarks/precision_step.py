@@ -15,12 +15,10 @@ units such as AMX, or a GPU's); where it has none, bfloat16 can be slower than f
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from monai_fedkd.benchmarks import generator_step
-from monai_fedkd.benchmarks._timing import compare_variants
+from monai_fedkd.benchmarks._timing import compare_variants, forward_backward_times
 from monai_fedkd.networks import build_network
 from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
 
@@ -39,19 +37,7 @@ def _time(case: dict, repeats: int, dtype: str | None, seed: int = 0) -> list[fl
         with autocast("cpu", dtype):
             return generator_step.time_case(case["generator"], repeats, seed)
     torch.manual_seed(seed)
-    net = build_network(**case["network"])
-    x = torch.rand(*case["input"], requires_grad=True)
-    times = []
-    for i in range(repeats + 1):  # the first pass warms up allocators (and oneDNN's kernels) and is not counted
-        net.zero_grad(set_to_none=True)
-        x.grad = None
-        t0 = time.perf_counter()
-        with autocast("cpu", dtype):
-            out = net(x)
-        out.float().square().mean().backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return times
+    return forward_backward_times(build_network(**case["network"]), torch.rand(*case["input"], requires_grad=True), repeats, dtype)
 
 
 def main(argv=None) -> int:
