@@ -42,6 +42,8 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     assert costs["ours"]["per_site"] and all(v["queries"] == 2 for v in costs["ours"]["per_site"].values())
     assert costs["fedavg"]["per_site"] and all(v["bytes"] > 0 for v in costs["fedavg"]["per_site"].values())
     assert 0 <= costs["ours"]["framework_overhead"]
+    # what the budget bought and how the server computed, from the central card (classification: float32, contiguous)
+    assert costs["ours"]["compute"] == {"steps": 2, "autocast_dtype": None, "memory_format": "contiguous"}
     # distilled methods run in bundle processes of their own: their peak is that process's, far below the suite's own
     assert costs["ours"]["peak_rss_kind"] == "process" and 50 < costs["ours"]["peak_rss_mb"] < 20000
     assert costs["centralized"]["peak_rss_kind"] == "process"
@@ -51,7 +53,8 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
     # the distilled methods may run under a wall-time budget: the machine that bought their steps is named
     run_entry = written["runs"][0]
     assert run_entry["processor"] == processor_name() and run_entry["torch_threads"] == torch.get_num_threads()
-    assert f"seed 0 ({processor_name()}, {torch.get_num_threads()} threads): at the sites" in (docs / "results.md").read_text()
+    assert (f"seed 0 ({processor_name()}, {torch.get_num_threads()} threads): 2 steps, float32, contiguous layout; at the sites"
+            in (docs / "results.md").read_text())
 
     # re-running one method on the same sites replaces its records and keeps every other method's
     def others(res):

@@ -112,6 +112,9 @@ def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info
         if "generator_s" in card["timing"]:  # the generator's own forward, backward and update (cards since 0.7.3)
             costs["generator_step_profile_ms"]["generator"] = 1000 * card["timing"]["generator_s"] / steps
         costs["framework_overhead"] = (card["timing"]["server_s"] + transport_s) / site_s if site_s else None
+        # what a wall-time budget bought and how the server computed: "auto" defaults resolve by machine
+        costs["compute"] = {"steps": int(card["iterations"]), "autocast_dtype": card.get("autocast_dtype"),
+                            "memory_format": card.get("memory_format")}
     elif method == "fedavg":
         fed = cfg.get("fedavg", {})
         rounds, epochs = int(fed.get("rounds", 10)), int(fed.get("local_epochs", 1))
@@ -472,7 +475,9 @@ def write_markdown(results: Mapping, page: Path) -> None:
     machine = {r["seed"]: f" ({r['processor']}, {r['torch_threads']} threads)" if r.get("processor") else "" for r in results["runs"]}
     for seed, costs in prof:
         p = costs["generator_step_profile_ms"]
-        lines.append(f"- seed {seed}{machine[seed]}: at the sites {p['at_sites']:.1f} ms, server cross-site terms {p['server_cross_site_terms']:.1f} ms, "
+        run = costs.get("compute")  # records before 2026-12-05 lack it
+        ran = (f" {run['steps']} steps, {run['autocast_dtype'] or 'float32'}, {run['memory_format'] or 'contiguous'} layout;" if run else "")
+        lines.append(f"- seed {seed}{machine[seed]}:{ran} at the sites {p['at_sites']:.1f} ms, server cross-site terms {p['server_cross_site_terms']:.1f} ms, "
                      f"transport {p['transport']:.2f} ms, student {p['student']:.1f} ms"
                      + (f", the generator's forward, backward and update {p['generator']:.1f} ms" if "generator" in p else "") + "; "
                      f"framework overhead beyond site compute {100 * costs['framework_overhead']:.1f} % (aim: under 25 %).")
