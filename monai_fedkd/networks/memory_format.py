@@ -1,10 +1,11 @@
 """Memory layout of the networks that the distillation runs many times per step (the student, the site networks).
 
 A 3D convolution network on CPU (oneDNN) runs faster on channels-last tensors (N, D, H, W, C strides): on 2 Intel
-Xeon cores a MONAI UNet (16-128 channels) on a batch of four 48³ patches took 243 ms against 330 ms for a training
-step and 234 ms against 286 ms for a forward pass with an input-gradient (medians of 12, docs/results.md). The values
-computed are the same up to float rounding (the order of the sums changes); parameters keep their shapes, so a
-state dict loads into a network of either layout.
+Xeon cores a MONAI UNet (16-128 channels) on a batch of four 48³ patches took 210 ms against 241 ms for a forward and
+backward pass (1.16x in bfloat16), while a 2D UNet gained 3 % and the AdrenalMNIST3D classifier lost 5 %
+(``python -m monai_fedkd.benchmarks.memory_format_step``, docs/performance.md). The values computed are the same up to
+float rounding (the order of the sums changes); parameters keep their shapes, so a state dict loads into a network
+of either layout.
 
 ``"auto"`` picks channels-last only where it was measured to help: 3D networks on CPU. On CUDA the gain depends on
 the precision and the cuDNN version, so ``"auto"`` keeps the contiguous layout there; ``"channels_last"`` asks for
