@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import dataset_info, ok as _ok, run_bundle
+from monai_fedkd import cpu_heap
 from monai_fedkd.networks import build_network, precision
 from monai_fedkd.networks.memory_format import resolve_memory_format, to_memory_format
 from monai_fedkd.pipeline import dataset_overrides
@@ -588,6 +589,8 @@ def test_bundle_3d_segmentation(seg_sites, tmp_path):
     assert card["student_dice_weight"] == 0.5 and card["conditional_ce_class_balance"] == 1.0
     assert card["consensus_voxel_stride"] == 2, "3D segmentation evaluates the consensus on one voxel in eight by default"
     assert card["memory_format"] == "channels_last", "3D segmentation on CPU runs the student channels-last by default"
+    # the bundle's initialize kept freed blocks in the heap (cpu_heap "auto" on a CPU with glibc), and the card says so
+    assert card["cpu_heap"] == ("retain" if cpu_heap._glibc()[0] is not None else "system")
     assert all(p.is_contiguous() for p in net.parameters()), "the model file is written contiguous whatever the run's layout"
     # segmentation's default precision "auto" resolves on this machine's CPU, and the card says what ran
     assert card["autocast_dtype"] == precision.resolve_autocast_dtype("auto", "cpu")

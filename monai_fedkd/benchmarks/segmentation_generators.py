@@ -62,6 +62,9 @@ EVERY_VOXEL_CONSENSUS = {"consensus_voxel_stride": 1}
 # 0.13.0 ("auto": channels-last in 3D on CPU) computed so, and pins it; the layout variant below says what it changes
 CONTIGUOUS = {"memory_format": "contiguous", "site_options#memory_format": "contiguous"}
 CHANNELS_LAST = {"memory_format": "channels_last", "site_options#memory_format": "channels_last"}
+# the process heap as the C library keeps it: every variant measured before central_distillation 0.14.0 ("auto": freed
+# blocks kept for reuse on CPU) ran so; under a wall-time budget the heap changes the step count, so they pin it
+SYSTEM_HEAP = {"cpu_heap": "system"}
 VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     "unconditional": (("segmentation_unconditional.json",), {}),
     "layout": ((), {}),
@@ -149,6 +152,9 @@ VARIANTS = {  # name -> (extra central_distillation configs, overrides)
     # the 0.12.0 default with the student and the site networks in channels-last (the same objective, faster steps
     # in 3D on CPU)
     "site_patch_channels_last": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "consensus_voxel_stride": 2, **CHANNELS_LAST}),
+    # the 0.13.0 default with freed blocks kept in the heap (the same numbers, cheaper server terms in 3D)
+    "site_patch_retained_heap": ((), {**CLASS_INTENSITY_10, **WIDE_GENERATOR, **SITE_PATCH_SIZE, "consensus_voxel_stride": 2, **CHANNELS_LAST,
+                                      "cpu_heap": "retain"}),
 }
 UPPER_BOUND = "real_inputs"
 # name -> overrides of the bundle config: the real-input bounds, the bundle's student on the sites' real patches of
@@ -288,7 +294,7 @@ def run(benchmark: str = "ixi_acquisition", mirror=None, workdir="runs/bench", s
                     model_dir = real_input_upper_bound(run_dir / "sites.json", run_dir / name, seconds, seed, UPPER_BOUNDS[v], steps=steps)
                 else:
                     extra, overrides = VARIANTS[v]
-                    pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **CONTIGUOUS, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
+                    pinned = {**FLOAT32, **EVERY_VOXEL_CONSENSUS, **CONTIGUOUS, **SYSTEM_HEAP, **({} if extra else {**NARROW_GENERATOR, **PATCH_32})}  # extra configs bring another generator
                     model_dir = distill_central(run_dir, site_dirs, site_files, "segmentation",
                                                 {"seed": seed, **({"iterations": steps} if steps else {"iterations": 1_000_000, "max_seconds": seconds}),
                                                  "checkpoint_interval": 1_000_000,

@@ -51,6 +51,7 @@ from monai_fedkd.losses import (
     ensemble_log_probabilities,
     site_weights,
 )
+from monai_fedkd.cpu_heap import cpu_heap_in_effect
 from monai_fedkd.networks import network_definition
 from monai_fedkd.networks.memory_format import resolve_memory_format, to_memory_format
 from monai_fedkd.networks.precision import autocast, resolve_autocast_dtype
@@ -906,6 +907,7 @@ class CentralDistillation:
             "ema_warmup": self.ema.warmup,
             "autocast_dtype": self.autocast_dtype,
             "memory_format": self.memory_format,
+            "cpu_heap": cpu_heap_in_effect(),  # set by the bundle's initialize (monai_fedkd.cpu_heap)
             "seed": self.seed,
             "iterations": int(engine.state.iteration),
             "max_seconds": self.max_seconds,
