@@ -5,13 +5,14 @@ glibc's ``malloc`` serves every block above 32 MB (and, as its threshold adapts,
 page, which the kernel must zero: on a 3D segmentation step, where the server's cross-site terms allocate a dozen
 temporaries of 4 sites x 4 patches x 6 classes x 48³ voxels (42 MB each), most of their time went to those faults.
 Keeping freed blocks in the heap (no ``mmap`` for large blocks, no trimming of the heap's top) lets the next step
-reuse the same pages: on 2 Intel Xeon cores the server's terms of an IXI step took 131 ms against 221-236 ms, the
-framework's overhead beyond site compute 15-16 % against 26 %, with the site networks, the generator, the student
-and the peak resident memory unchanged (docs/performance.md, "The C heap").
+reuse the same pages: on 2 Intel Xeon cores the server's terms of an IXI step took a median 134 ms against 229 ms,
+the framework's overhead beyond site compute 15.6 % against 26.4 %, with the site networks, the generator and the
+student unchanged and the peak resident memory up to 3 % higher (docs/performance.md, "The C heap").
 
 The cost: memory the process freed is not given back to the system until it exits, so its resident size stays at
-its peak. That suits a distillation (one long process whose step repeats the same allocations) and is why
-``"auto"`` keeps the system's behaviour where the tensors do not live in host memory (CUDA).
+its peak, and a block larger than the free ones extends the heap (it settles at a few blocks of each size). That
+suits a distillation (one long process whose step repeats the same allocations) and is why ``"auto"`` keeps the
+system's behaviour where the tensors do not live in host memory (CUDA).
 
 Only glibc has these settings (``mallopt``); elsewhere (macOS, Windows, musl) ``"auto"`` leaves the heap as it is and
 ``"retain"`` is refused with the reason. Every process decides for itself: in a federation each site's process
