@@ -114,7 +114,7 @@ def _build(method: str, cfg: Mapping, workdir: Path, site_dirs, site_files, info
         costs["framework_overhead"] = (card["timing"]["server_s"] + transport_s) / site_s if site_s else None
         # what a wall-time budget bought and how the server computed: "auto" defaults resolve by machine
         costs["compute"] = {"steps": int(card["iterations"]), "autocast_dtype": card.get("autocast_dtype"),
-                            "memory_format": card.get("memory_format")}
+                            "memory_format": card.get("memory_format"), "cpu_heap": card.get("cpu_heap")}
     elif method == "fedavg":
         fed = cfg.get("fedavg", {})
         rounds, epochs = int(fed.get("rounds", 10)), int(fed.get("local_epochs", 1))
@@ -476,7 +476,8 @@ def write_markdown(results: Mapping, page: Path) -> None:
     for seed, costs in prof:
         p = costs["generator_step_profile_ms"]
         run = costs.get("compute")  # records before 2026-12-05 lack it
-        ran = (f" {run['steps']} steps, {run['autocast_dtype'] or 'float32'}, {run['memory_format'] or 'contiguous'} layout;" if run else "")
+        heap = {"retain": ", freed memory kept for reuse", "system": ", the system's heap"}.get((run or {}).get("cpu_heap"), "")  # since 0.14.0
+        ran = (f" {run['steps']} steps, {run['autocast_dtype'] or 'float32'}, {run['memory_format'] or 'contiguous'} layout{heap};" if run else "")
         lines.append(f"- seed {seed}{machine[seed]}:{ran} at the sites {p['at_sites']:.1f} ms, server cross-site terms {p['server_cross_site_terms']:.1f} ms, "
                      f"transport {p['transport']:.2f} ms, student {p['student']:.1f} ms"
                      + (f", the generator's forward, backward and update {p['generator']:.1f} ms" if "generator" in p else "") + "; "
