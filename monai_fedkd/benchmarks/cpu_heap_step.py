@@ -5,8 +5,7 @@ in its heap for the next allocation, where glibc would unmap them and fault fres
 Each variant runs in its own process (the setting lasts for a process's life): the consensus and the mixture
 ensemble with a cross-entropy on it, forward and backward, at one generator step's shape of each segmentation
 benchmark, and one forward and backward of the 3D IXI site UNet (bfloat16, channels-last: the 3D default on a CPU
-with AMX), and
-writes the medians to ``docs/results/cpu_heap_step.json``:
+with AMX), and writes the medians to ``docs/results/cpu_heap_step.json``:
 
     python -m monai_fedkd.benchmarks.cpu_heap_step --repeats 15
 
