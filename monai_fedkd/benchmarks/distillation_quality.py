@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from monai_fedkd.benchmarks.suite import write_section
 from monai_fedkd.pipeline import run_pipeline, seed_data_dir
 
 BENCHMARKS = {
@@ -97,10 +98,13 @@ def run(name: str, seeds, mirror, workroot: Path, central_iterations: int | None
             "per_seed": per_seed}
 
 
+MARK_START, MARK_END = "<!-- distillation_quality:start -->", "<!-- distillation_quality:end -->"
+
+
 def write_markdown(results: list[dict], path: Path) -> None:
-    lines = ["# Results", "", "Central model (query-mode distillation, in-process transport) against the site models and their ensemble.",
-             "Pooled test set of all sites; AUROC for classification, mean Dice over foreground classes for segmentation.",
-             "Every row is one full run of the main job with that seed (split, initialisation and generator noise change with it).", ""]
+    """The end-to-end check's tables, in their own marked section of ``path``: the rest of the page (the hand-written
+    discussion, the other benchmarks' sections) is kept, so re-running the check never rewrites what it did not make."""
+    lines = [MARK_START]
     for r in results:
         lines += [f"## {r['benchmark']}", "", f"Target: {r['target']}.", "",
                   "| seed | central | ensemble (weighted) | ensemble (mean) | best site | mean local | target | sites (s) | distill (s) | bytes sent+received per site |",
@@ -115,15 +119,8 @@ def write_markdown(results: list[dict], path: Path) -> None:
         m = r["mean"]
         lines += [f"| mean | {m['central']:.4f} | {m['ensemble_weighted']:.4f} | {m['ensemble_mean']:.4f} | {m['best_site']:.4f} | {m['mean_local']:.4f} | | | | |", ""]
     lines += ["Reproduce: `python -m monai_fedkd.benchmarks.distillation_quality --mirror ../shared/data --seeds 0 1 2 "
-              "--benchmarks <name>` (2 CPU cores; per-benchmark JSON in `docs/results/`).", ""]
-    notes = path.parent / "results" / "notes.md"  # hand-written context kept across regenerations
-    if notes.is_file():
-        lines += [notes.read_text()]
-    if path.is_file():  # the sections other benchmarks write (monai-fedkd bench, the generator comparison) are kept
-        import re
-
-        lines += [m.group(0) for m in re.finditer(r"<!-- (\w+):([^:]+):start -->.*?<!-- \1:\2:end -->", path.read_text(), flags=re.S)]
-    path.write_text("\n".join(lines))
+              "--benchmarks <name>` (2 CPU cores; per-benchmark JSON in `docs/results/`).", MARK_END]
+    write_section(path, MARK_START, MARK_END, lines)
 
 
 def main(argv=None) -> int:
