@@ -81,8 +81,10 @@ class DiversityLoss(nn.Module):
             i, j = i[same], j[same]
         if i.numel() == 0:
             return x.new_zeros(())
-        d_x = (x[i] - x[j]).abs().flatten(1).mean(1)
-        d_z = (z[i] - z[j]).abs().flatten(1).mean(1).detach()
+        # index_select, not x[i]: the backward of advanced indexing with repeated indices adds with atomics on
+        # several CPU threads, in an order that changes from run to run (the distillation would not repeat)
+        d_x = (x.index_select(0, i) - x.index_select(0, j)).abs().flatten(1).mean(1)
+        d_z = (z.index_select(0, i) - z.index_select(0, j)).abs().flatten(1).mean(1).detach()
         return -self.weight * (d_x / (d_z + self.eps)).mean()
 
 
