@@ -151,6 +151,18 @@ def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+def test_two_runs_of_one_config_give_the_same_student_on_several_threads(cls_sites, tmp_path):
+    # "a run is reproducible from its config": no kernel whose result depends on the threads' timing (atomic adds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [_distiller(InProcessTransport(_sites(cls_sites, tmp_path / r)), tmp_path / r, batch_size=32).run() for r in "ab"]
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(r, weights_only=True) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
     """Past generator_iterations the generator stops changing, the sites get forward-only queries (no gradient, no
     VJP) whose answers still label the student's inputs, and the card says so."""
