@@ -13,7 +13,7 @@ import torch
 from conftest import SHARED_DATA, require
 from monai_fedkd import cpu_heap
 from monai_fedkd.benchmarks._timing import processor_name
-from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark, sites_checksum
+from monai_fedkd.benchmarks.suite import METHODS, _earlier_seeds, _merged, _published, load_config, run_benchmark, sites_checksum, summary
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +82,22 @@ def test_tiny_benchmark_runs_every_method(tmp_path):
         run_benchmark(config, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs, seeds=[7], methods=["ours"])
     assert not (tmp_path / "runs" / "tiny" / "seed7").exists()
 
+    # distillation repeats on the same sites: other distillation seeds, other models, the seed's value their mean
+    repeated = tmp_path / "tiny_repeats.json"
+    repeated.write_text(json.dumps({**json.loads(config.read_text()), "methods": ["ours"], "distillation_repeats": 2}))
+    docs_repeats = tmp_path / "docs_repeats"
+    res = run_benchmark(repeated, mirror=SHARED_DATA, workdir=os.path.relpath(tmp_path / "runs"), docs=docs_repeats)
+    assert res["runs"][0]["sites_sha256"] == written["runs"][0]["sites_sha256"], "the repeats reuse the trained sites"
+    ours = {r["model"]: r["value"] for r in res["records"] if r["method"] == "ours" and r["test_set"] == "pooled" and r["metric"] == "auroc"}
+    assert set(ours) == {"ours", "ours_repeat1"} and all(math.isfinite(v) for v in ours.values())
+    run_costs = res["runs"][0]["methods"]
+    assert (run_costs["ours"]["distillation_seed"], run_costs["ours_repeat1"]["distillation_seed"]) == (0, 1000)
+    seed_folder = tmp_path / "runs" / "tiny" / "seed0"
+    first, second = (torch.load(seed_folder / m / "models" / "model.pt", weights_only=True) for m in ("ours", "ours_repeat1"))
+    assert any(not torch.equal(first[k], second[k]) for k in first), "a repeat must distil with another random stream"
+    assert summary(res)["ours"]["per_seed"] == [pytest.approx((ours["ours"] + ours["ours_repeat1"]) / 2)]
+    assert "the mean of its 2 distillations" in (docs_repeats / "results.md").read_text()
+
 
 def test_config_errors_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pneumoniamnist_a0.5"):
@@ -91,6 +107,11 @@ def test_config_errors_are_named(tmp_path):
                                "seeds": [0], "methods": ["ours", "fedprox"]}))
     with pytest.raises(ValueError, match="fedprox"):
         load_config(bad)
+    for repeats in (0, 1.5, True):
+        bad.write_text(json.dumps({"name": "x", "dataset": "pneumoniamnist", "num_sites": 2, "partition": {"method": "dirichlet"},
+                                   "seeds": [0], "methods": ["ours"], "distillation_repeats": repeats}))
+        with pytest.raises(ValueError, match="distillation_repeats"):
+            load_config(bad)
     assert load_config("pneumoniamnist_a0.5")["num_sites"] == 5
 
 
