@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,19 @@ def require(*relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data {path} is not available (set DATA_MIRROR or place ../shared/data beside the project)")
     return path
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op CPU threads set to ``n`` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_bundle(bundle: str, config, overrides: dict, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import dataset_info, ok as _ok, run_bundle
+from conftest import dataset_info, ok as _ok, run_bundle, torch_threads
 from monai_fedkd import cpu_heap
 from monai_fedkd.networks import build_network, precision
 from monai_fedkd.networks.memory_format import resolve_memory_format, to_memory_format
@@ -153,12 +153,8 @@ def test_resume_after_crash_equals_uninterrupted_run(cls_sites, tmp_path):
 
 def test_two_runs_of_one_config_give_the_same_student_on_several_threads(cls_sites, tmp_path):
     # "a run is reproducible from its config": no kernel whose result depends on the threads' timing (atomic adds)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         runs = [_distiller(InProcessTransport(_sites(cls_sites, tmp_path / r)), tmp_path / r, batch_size=32).run() for r in "ab"]
-    finally:
-        torch.set_num_threads(threads)
     a, b = (torch.load(r, weights_only=True) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 

@@ -37,15 +37,14 @@ from monai_fedkd.evaluation import (  # noqa: E402
     main,
 )
 from monai_fedkd.site import SiteCardError, load_site_model  # noqa: E402
+from conftest import torch_threads  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Tiny networks on a small shared CPU: one intra-op thread avoids OpenMP stalls when other processes compete."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _require(*relative: str) -> Path:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import torch_threads
+
 from monai_fedkd.losses import (
     AdversarialLoss,
     BalanceLoss,
@@ -560,21 +562,17 @@ def test_diversity_zero_for_identical_inputs_and_rewards_spread():
 def test_diversity_gradient_repeats_bit_for_bit_on_several_threads():
     # every sample is in many pairs: a backward that accumulates repeated indices with atomics on several CPU
     # threads (x[i] does) gives a different last bit most times, and the whole distillation then stops repeating
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        g = torch.Generator().manual_seed(0)
-        x0, z = torch.randn(32, 1, 28, 28, generator=g), torch.randn(32, 8, generator=g)
+    g = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(32, 1, 28, 28, generator=g), torch.randn(32, 8, generator=g)
 
-        def grad():
-            x = x0.clone().requires_grad_()
-            DiversityLoss()(x, z).backward()
-            return x.grad
+    def grad():
+        x = x0.clone().requires_grad_()
+        DiversityLoss()(x, z).backward()
+        return x.grad
 
+    with torch_threads(2):
         first = grad()
         assert all(torch.equal(first, grad()) for _ in range(30))
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _BNNet(nn.Module):

@@ -13,10 +13,11 @@ every method of the config builds its model from those same sites:
   geometric mean, equal weights), or always as the contrast-weighted mixture, instead of the default's choice
   between the two from the cards (``ensemble_combination: "auto"``).
 
-A distillation's score moves with its random stream (on AdrenalMNIST3D by up to 0.1 AUROC between runs
-that differed only in the last bits of one gradient), so a config may set ``distillation_repeats: N``: every distilled method then distils N times per seed on the
-same sites (distillation seeds ``seed + 1000 r``; models ``<method>_repeat<r>``, records under the method's name), and
-the table takes the mean over the repeats as the seed's value before the mean and sd over seeds.
+A distillation's score moves with its random stream (on AdrenalMNIST3D by up to 0.1 AUROC between runs that
+differed only in the last bits of one gradient), so a config may set ``distillation_repeats: N``: every distilled
+method then distils N times per seed on the same sites (distillation seeds ``seed + 1000 r``; models
+``<method>_repeat<r>``, records under the method's name), and the table takes the mean over the repeats as the
+seed's value before the mean and sd over seeds.
 
 One evaluation scores them all on every site's test split and the pooled test set. Written to ``docs/``:
 ``results/<benchmark>.json`` (one record per method x seed x test set x metric, with the config and the partition
