@@ -53,6 +53,8 @@ VARIANTS = {  # name -> central_distillation overrides
     # the student's weight average without the random initial weights' share: a fixed decay of 0.999 over the
     # default's 1500 student updates still gives them 0.999^1500 = 22 % of the average
     "ema_warmup": {"ema_warmup": True},
+    # twice the student's updates on the cache per generator step: does the student copy its teachers closer?
+    "student_steps_10": {"student_steps": 10},
 }
 SPLITS = ("validation", "test")
 
