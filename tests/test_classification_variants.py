@@ -87,3 +87,16 @@ def test_published_seeds_merge_by_seed_and_site_models(tmp_path):
     assert other["seeds"][0]["variants"] == {"affine": {"test": 0.2}}
     # another config: the published file is not this benchmark's any more
     assert [r["seed"] for r in merge_published(out, {"config_sha256": "other", "variants": {}, "seeds": [seed(3, "e")]})["seeds"]] == [3]
+
+
+def test_every_variant_overrides_keys_the_distillation_bundle_has():
+    # a misspelt override would be added to the config as a new, unused key: the variant would silently run the default
+    from monai.bundle import ConfigParser
+
+    from monai_fedkd.pipeline import BUNDLES_DIR
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / "central_distillation" / "configs" / "train.json"))
+    unknown = {name: key for name, overrides in VARIANTS.items() for key in overrides if key not in parser}
+    assert not unknown
+    assert "weights#no_such_term" not in parser  # the check can fail

@@ -55,6 +55,22 @@ VARIANTS = {  # name -> central_distillation overrides
     "ema_warmup": {"ema_warmup": True},
     # twice the student's updates on the cache per generator step: does the student copy its teachers closer?
     "student_steps_10": {"student_steps": 10},
+    # the student's step size at the end: its learning rate falling to 0 by the last iteration (no extra time), also
+    # from twice the default's rate; and a cache four times as wide (older inputs kept longer, no extra time)
+    "cosine": {"student_lr_schedule": "cosine"},
+    "cosine_lr_2e-3": {"student_lr_schedule": "cosine", "student_lr": 0.002},
+    "cache_4096": {"cache_size": 4096},
+    # softer targets: AUROC ranks the student's scores, and a tempered KL hands it more of the teachers' ranking of
+    # confident inputs (the temperature also softens the generator's consensus and adversarial terms)
+    "temperature_2": {"temperature": 2.0},
+    "temperature_4": {"temperature": 4.0},
+    # the generator's side of the student's fidelity on real images: inputs the sites' discriminators find more
+    # real, or more inputs on which the student still disagrees with the ensemble
+    "realism_1.5": {"weights#realism": 1.5},
+    "adversarial_1.0": {"weights#adversarial": 1.0},
+    # the student-side changes that each moved validation a little, together
+    "cache_4096_cosine": {"cache_size": 4096, "student_lr_schedule": "cosine"},
+    "cache_4096_cosine_temperature_2": {"cache_size": 4096, "student_lr_schedule": "cosine", "temperature": 2.0},
 }
 SPLITS = ("validation", "test")
 
