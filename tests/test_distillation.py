@@ -112,6 +112,13 @@ def test_outputs_card_and_montages(cls_sites, tmp_path):
     assert any((out / "tensorboard").iterdir())
 
 
+def test_a_batch_larger_than_the_montage_still_writes_it(cls_sites, tmp_path):
+    # the montage shows 32 inputs; a larger generator batch once failed there with "40 labels for 32 images"
+    distiller = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, iterations=2, batch_size=40)
+    out = distiller.run().parents[1]
+    assert (out / "montages" / "iter_000002.png").is_file()
+
+
 def test_boundary_targets_and_diversity_term(cls_sites, tmp_path):
     distiller = _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, iterations=2, boundary_fraction=0.5,
                            weights={"diversity": 0.5})

@@ -71,6 +71,8 @@ VARIANTS = {  # name -> central_distillation overrides
     # the student-side changes that each moved validation a little, together
     "cache_4096_cosine": {"cache_size": 4096, "student_lr_schedule": "cosine"},
     "cache_4096_cosine_temperature_2": {"cache_size": 4096, "student_lr_schedule": "cosine", "temperature": 2.0},
+    # the synthesis side: twice the inputs (and the sites' queries) per generator step
+    "batch_size_64": {"batch_size": 64},
 }
 SPLITS = ("validation", "test")
 

@@ -851,7 +851,8 @@ class CentralDistillation:
         seg = probs.argmax(1) if self.task == "segmentation" else None  # the ensemble's labels, overlaid
         if self.spec["spatial_dims"] == 2:
             names = self.spec["class_names"] or [str(i) for i in range(self.num_classes)]
-            tags = [names[int(c)] for c in probs.argmax(1)] if seg is None else None
+            # the montage shows the first 32 inputs of a batch of any size: one tag per image shown
+            tags = [names[int(c)] for c in probs[:32].argmax(1)] if seg is None else None
             image = montage_2d(x[:32], labels=tags, segmentation=None if seg is None else seg[:32], num_classes=self.num_classes)
         else:
             image = montage_3d(x[:4], segmentation=None if seg is None else seg[:4], num_classes=self.num_classes)
