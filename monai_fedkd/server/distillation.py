@@ -847,22 +847,22 @@ class CentralDistillation:
     def _write_montage(self, engine) -> None:
         from monai_fedkd.visualize import montage_2d, montage_3d, save_png
 
-        x, probs = engine.state.last_inputs.cpu(), engine.state.last_probs.cpu()
+        shown = 32 if self.spec["spatial_dims"] == 2 else 4  # a montage shows the first inputs of a batch of any size
+        x, probs = engine.state.last_inputs[:shown].cpu(), engine.state.last_probs[:shown].cpu()
         seg = probs.argmax(1) if self.task == "segmentation" else None  # the ensemble's labels, overlaid
         if self.spec["spatial_dims"] == 2:
             names = self.spec["class_names"] or [str(i) for i in range(self.num_classes)]
-            # the montage shows the first 32 inputs of a batch of any size: one tag per image shown
-            tags = [names[int(c)] for c in probs[:32].argmax(1)] if seg is None else None
-            image = montage_2d(x[:32], labels=tags, segmentation=None if seg is None else seg[:32], num_classes=self.num_classes)
+            tags = [names[int(c)] for c in probs.argmax(1)] if seg is None else None
+            image = montage_2d(x, labels=tags, segmentation=seg, num_classes=self.num_classes)
         else:
-            image = montage_3d(x[:4], segmentation=None if seg is None else seg[:4], num_classes=self.num_classes)
+            image = montage_3d(x, segmentation=seg, num_classes=self.num_classes)
         path = self.output_dir / "montages" / f"iter_{engine.state.iteration:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image, path)
         if getattr(engine.state, "last_layouts", None) is not None:  # the layouts the generator was asked to paint
-            layouts = engine.state.last_layouts.cpu()
-            save_png(montage_3d(x[:4], segmentation=layouts[:4], num_classes=self.num_classes) if x.ndim == 5
-                     else montage_2d(x[:32], segmentation=layouts[:32], num_classes=self.num_classes), path.with_name(path.stem + "_layout.png"))
+            layouts = engine.state.last_layouts[:shown].cpu()
+            save_png(montage_3d(x, segmentation=layouts, num_classes=self.num_classes) if x.ndim == 5
+                     else montage_2d(x, segmentation=layouts, num_classes=self.num_classes), path.with_name(path.stem + "_layout.png"))
         if self.writer is not None:
             self.writer.add_image("synthetic_inputs", image, engine.state.iteration, dataformats="HWC")
 
