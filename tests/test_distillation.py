@@ -200,6 +200,44 @@ def test_frozen_generator_asks_forward_only_queries(cls_sites, tmp_path):
         _distiller(InProcessTransport(_sites(cls_sites, tmp_path)), tmp_path, weights={"class_gradient": 1.0})
 
 
+def test_real_input_bound_labels_the_sites_real_images_and_says_it_is_not_data_free(cls_sites, tmp_path):
+    """The classification bound (variant real_inputs): every query carries rows of the sites' real training images,
+    forward-only; the generator is untouched; the card says the student is not data-free; wrong set-ups are named."""
+    from monai_fedkd.benchmarks.classification_variants import REAL_INPUTS
+    from monai_fedkd.benchmarks.real_input_bound import RealInputDistillation
+
+    sites = _sites(cls_sites, tmp_path)
+    transport = SpyTransport(sites)
+    requests = []
+    query = transport.query
+    transport.query = lambda request, sites=None: (requests.append(request), query(request, sites))[1]
+    d = _distiller(transport, tmp_path, iterations=3, generator_iterations=0, checkpoint_interval=100)
+    bound = RealInputDistillation(transport, d.generator, d.student, tmp_path / "bound", iterations=3, batch_size=8, student_steps=2,
+                                  student_batch_size=8, cache_size=32, checkpoint_interval=100, montage_interval=1, seed=3, progress=False,
+                                  generator_iterations=0, real_sites=sites)
+    before = [p.detach().clone() for p in bound.generator.parameters()]
+    bound.run()
+    real = torch.cat([s.real_images for s in sites])
+    assert len(requests) == 3 and all(r.forward_only and not r.update_discriminator for r in requests)
+    for r in requests:  # each input is one of the sites' real images, bit for bit
+        assert all((real == x).flatten(1).all(1).any() for x in r.inputs)
+    assert all(torch.equal(a, b) for a, b in zip(before, bound.generator.parameters()))
+    card = json.loads((tmp_path / "bound" / "central_card.json").read_text())
+    assert "not data-free" in card["upper_bound"] and card["generator_def"] is None and card["iterations"] == 3
+    assert not (tmp_path / "bound" / "montages").exists()  # the sites' images are not written out
+    with pytest.raises(ValueError, match="generator_iterations 0"):
+        RealInputDistillation(transport, d.generator, d.student, tmp_path / "b2", real_sites=sites, progress=False)
+    without = [QuerySite(cls_sites[0][0], name="no_images", seed=1, state_dir=tmp_path / "s3")]
+    with pytest.raises(ValueError, match="no_images"):
+        RealInputDistillation(InProcessTransport(without), d.generator, d.student, tmp_path / "b3", generator_iterations=0,
+                              real_sites=without, progress=False)
+    # the variant's overrides build it through the bundle
+    sites_json = _sites_json(tmp_path / "sites.json", cls_sites)
+    _ok(run_bundle("central_distillation", "train.json", {"sites": str(sites_json), "output_dir": str(tmp_path / "bundle"), "iterations": 2,
+                                                          "batch_size": 8, "student_batch_size": 8, **REAL_INPUTS}))
+    assert "not data-free" in read_site_card(tmp_path / "bundle")["upper_bound"]
+
+
 def test_prior_warmup_trains_the_generator_without_asking_a_site(cls_sites, tmp_path):
     """prior_warmup_iterations update the generator on the server's image priors before the first query: the sites
     see only the run's own queries, the generator they first see is no longer the initial one, the card says so."""

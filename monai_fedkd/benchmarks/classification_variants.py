@@ -41,6 +41,11 @@ SITE_AFFINE = {
     "scale_range": "$[0.1] * @spatial_dims",
     "padding_mode": "border",
 }
+REAL_INPUTS = {
+    "generator_iterations": 0,
+    "distillation#_target_": "monai_fedkd.benchmarks.real_input_bound.RealInputDistillation",
+    "distillation#real_sites": "@query_sites",
+}
 VARIANTS = {  # name -> central_distillation overrides
     "default": {},
     "product_weighted": {"ensemble_combination": "product"},
@@ -73,6 +78,9 @@ VARIANTS = {  # name -> central_distillation overrides
     "cache_4096_cosine_temperature_2": {"cache_size": 4096, "student_lr_schedule": "cosine", "temperature": 2.0},
     # the synthesis side: twice the inputs (and the sites' queries) per generator step
     "batch_size_64": {"batch_size": 64},
+    # not data-free, a bound: the same run on the sites' pooled real training images instead of synthesized ones
+    # (monai_fedkd.benchmarks.real_input_bound): what of the student's distance to its teachers the synthesis costs
+    "real_inputs": REAL_INPUTS,
 }
 SPLITS = ("validation", "test")
 

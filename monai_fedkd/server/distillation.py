@@ -735,13 +735,17 @@ class CentralDistillation:
     def _frozen_generator_sample(self, z, labels, step: int, out: dict):
         """Past ``generator_iterations``: a sample of the frozen generator, labelled by forward-only queries."""
         t0 = time.perf_counter()
-        x = self._synthesize(z, labels)
+        x = self._forward_only_inputs(z, labels, step)
         self.timing["generator_s"] += time.perf_counter() - t0
         answers = self._query(x, step, forward_only=True)
         names = list(self.active_sites)
         stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
         self._record_site_values(answers, out)
         return x, names, stacked, self._ensemble(stacked)
+
+    def _forward_only_inputs(self, z, labels, step: int) -> torch.Tensor:
+        """The inputs of a step past ``generator_iterations`` (a diagnostic subclass feeds other inputs here)."""
+        return self._synthesize(z, labels)
 
     def _ensemble(self, stacked: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """The ensemble's log-probabilities from the sites' stacked log-probabilities (weights and combination of the run)."""
