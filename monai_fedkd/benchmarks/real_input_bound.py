@@ -29,7 +29,7 @@ class RealInputDistillation(CentralDistillation):
     """:class:`CentralDistillation` whose every step labels a batch of the sites' pooled real training images (drawn
     uniformly, so each site in proportion to the images it holds) with forward-only queries; the generator is never
     trained or used. ``real_sites`` are the in-process site objects (the bundle's ``query_sites``), loaded with
-    their real images."""
+    their real images (each site's first ``site_options.max_real``, the images its discriminator holds)."""
 
     def __init__(self, *args, real_sites: Sequence, **kwargs) -> None:
         super().__init__(*args, **kwargs)
