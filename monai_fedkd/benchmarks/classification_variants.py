@@ -41,6 +41,14 @@ SITE_AFFINE = {
     "scale_range": "$[0.1] * @spatial_dims",
     "padding_mode": "border",
 }
+# twice the sites' rotation and scaling, on most of the student's inputs: how far the label-preserving augmentation
+# can be pushed before the student stops following its teachers
+STRONG_AFFINE = {
+    **SITE_AFFINE,
+    "prob": 0.8,
+    "rotate_range": "$[0.3] * (1 if @spatial_dims == 2 else 3)",
+    "scale_range": "$[0.2] * @spatial_dims",
+}
 REAL_INPUTS = {
     "generator_iterations": 0,
     "distillation#_target_": "monai_fedkd.benchmarks.real_input_bound.RealInputDistillation",
@@ -81,6 +89,9 @@ VARIANTS = {  # name -> central_distillation overrides
     # not data-free, a bound: the same run on the sites' pooled real training images instead of synthesized ones
     # (monai_fedkd.benchmarks.real_input_bound): what of the student's distance to its teachers the synthesis costs
     "real_inputs": REAL_INPUTS,
+    # the stronger augmentation of the student's inputs, data-free and on real inputs
+    "affine_strong": {"student_transform": STRONG_AFFINE},
+    "real_inputs_affine_strong": {**REAL_INPUTS, "student_transform": STRONG_AFFINE},
 }
 SPLITS = ("validation", "test")
 
