@@ -370,6 +370,42 @@ def test_student_transform_reaches_every_student_input_and_keeps_shapes(cls_site
         _distiller(transport, tmp_path, out="c3", student_transform="RandGaussianNoise")
 
 
+def test_queried_targets_label_the_transformed_inputs_themselves(cls_sites, tmp_path):
+    """student_transform_targets 'queried': each step's new inputs are transformed once, the sites are asked
+    forward-only about exactly those views, both the inputs and the views enter the cache with the ensemble's answer on
+    each, and the student's draws are not transformed again."""
+    calls = []
+
+    def flip(x):  # not label-preserving in general: why the views need their own answers
+        calls.append(tuple(x.shape))
+        return torch.flip(x, dims=(-1,))
+
+    transport = SpyTransport(_sites(cls_sites, tmp_path))
+    requests = []
+    query = transport.query
+    transport.query = lambda request, sites=None: (requests.append(request), query(request, sites))[1]
+    d = _distiller(transport, tmp_path, iterations=3, student_transform=flip, student_transform_targets="queried",
+                   cache_size=64, checkpoint_interval=100)
+    d.run()
+    assert [r.forward_only for r in requests] == [False, True] * 3
+    for full, view in zip(requests[0::2], requests[1::2]):  # the view query carries the step's inputs, flipped
+        torch.testing.assert_close(view.inputs, torch.flip(full.inputs, dims=(-1,)).clamp(0, 1))
+    assert calls == [(1, 28, 28)] * (3 * 8), "one transform per new input, none on the student's draws"
+    assert d.cache.size == 3 * 2 * 8
+    assert all(st["queries"] == 6 and st["vjps"] == 3 for st in transport.stats().values())
+    # the cached views' targets are the ensemble's answers on the views (float16 in the cache), not on the inputs
+    with torch.no_grad():
+        _, stacked = d._forward_only_answers(d.cache.inputs[8:16].float(), step=99)
+        torch.testing.assert_close(d.cache.targets[8:16].float(), d._ensemble(stacked).exp(), atol=2e-3, rtol=0)
+        assert not torch.allclose(d.cache.targets[8:16].float(), d.cache.targets[0:8].float(), atol=2e-3)
+    card = json.loads((tmp_path / "central" / "central_card.json").read_text())
+    assert card["student_transform_targets"] == "queried"
+    with pytest.raises(ValueError, match="student_transform is None"):
+        _distiller(transport, tmp_path, out="c2", student_transform_targets="queried")
+    with pytest.raises(ValueError, match="student_transform_targets must be one of"):
+        _distiller(transport, tmp_path, out="c3", student_transform=flip, student_transform_targets="teacher")
+
+
 class OneClassCardTransport(InProcessTransport):
     """As the sites' own transport, but the first site's card says it never saw the last class."""
 

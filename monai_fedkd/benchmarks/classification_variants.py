@@ -92,6 +92,10 @@ VARIANTS = {  # name -> central_distillation overrides
     # the stronger augmentation of the student's inputs, data-free and on real inputs
     "affine_strong": {"student_transform": STRONG_AFFINE},
     "real_inputs_affine_strong": {**REAL_INPUTS, "student_transform": STRONG_AFFINE},
+    # the same augmentations with the sites asked (forward-only) about each transformed input, so teacher and student
+    # see the same view: one extra forward-only query of batch_size inputs a step
+    "affine_queried": {"student_transform": SITE_AFFINE, "student_transform_targets": "queried"},
+    "affine_strong_queried": {"student_transform": STRONG_AFFINE, "student_transform_targets": "queried"},
 }
 SPLITS = ("validation", "test")
 

@@ -89,6 +89,7 @@ SITE_LOCAL_TERMS = ("entropy", "realism", "bn_statistics")
 
 
 STUDENT_LR_SCHEDULES = ("constant", "cosine")
+STUDENT_TRANSFORM_TARGETS = ("unchanged", "queried")  # what the student's transformed inputs are taught
 
 
 def cosine_lr(base: float, progress: float) -> float:
@@ -273,6 +274,14 @@ class CentralDistillation:
             as its target; results are clipped to the sites' value range. Only label-preserving transforms belong
             here (intensity, not spatial): the target is not transformed. It is reseeded every step (``seed`` and
             the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
+        student_transform_targets: what the student's transformed inputs are taught. ``"unchanged"`` (default): the
+            ensemble's answer on the unchanged input (no extra query; only label-preserving transforms). ``"queried"``:
+            every step the transform is applied once to the step's new inputs, the sites are asked forward-only (no
+            input-gradient, no discriminator update) for their answers on exactly those transformed inputs, and both
+            the unchanged and the transformed inputs enter the cache, each with the ensemble's answer on itself; the
+            student's draws are then not transformed again. Teacher and student see the same view, so a transform
+            need not preserve labels (a spatial transform in segmentation is labelled as transformed). One
+            forward-only query of ``batch_size`` inputs per step more, counted against the sites' query budgets.
         autocast_dtype: ``"bfloat16"``: the generator's and the student's forward passes run under autocast (see
             :mod:`monai_fedkd.networks.precision`; outputs, losses, weights and optimizer states stay float32).
             ``None``: float32 throughout. ``"auto"``: bfloat16 where the device computes it natively and right
@@ -342,6 +351,7 @@ class CentralDistillation:
         layout_options: Mapping | None = None,
         max_seconds: float | None = None,
         student_transform=None,
+        student_transform_targets: str = "unchanged",
         generator_iterations: int | None = None,
         prior_warmup_iterations: int = 0,
         class_intensity_options: Mapping | None = None,
@@ -474,6 +484,12 @@ class CentralDistillation:
         if student_transform is not None and not callable(student_transform):
             raise ValueError(f"student_transform must be callable (a MONAI transform), got {type(student_transform).__name__}")
         self.student_transform = student_transform
+        if student_transform_targets not in STUDENT_TRANSFORM_TARGETS:
+            raise ValueError(f"student_transform_targets must be one of {STUDENT_TRANSFORM_TARGETS}, got {student_transform_targets!r}")
+        if student_transform_targets == "queried" and student_transform is None:
+            raise ValueError("student_transform_targets 'queried' asks the sites about the student's transformed inputs, and "
+                             "student_transform is None: set a transform, or leave student_transform_targets 'unchanged'")
+        self.student_transform_targets = student_transform_targets
         self.timing = {"server_s": 0.0, "generator_s": 0.0, "student_s": 0.0, "prior_warmup_s": 0.0}
 
     def _check_student_segments(self, size: list[int]) -> None:
@@ -737,11 +753,18 @@ class CentralDistillation:
         t0 = time.perf_counter()
         x = self._forward_only_inputs(z, labels, step)
         self.timing["generator_s"] += time.perf_counter() - t0
+        names, stacked = self._forward_only_answers(x, step, out)
+        return x, names, stacked, self._ensemble(stacked)
+
+    @torch.no_grad()
+    def _forward_only_answers(self, x: torch.Tensor, step: int, out: dict | None = None):
+        """The active sites' names and stacked log-probabilities on ``x`` from forward-only queries."""
         answers = self._query(x, step, forward_only=True)
         names = list(self.active_sites)
         stacked = torch.stack([released_log_probabilities(answers[n].outputs.to(self.device).float(), answers[n].kind, self.num_classes) for n in names])
-        self._record_site_values(answers, out)
-        return x, names, stacked, self._ensemble(stacked)
+        if out is not None:
+            self._record_site_values(answers, out)
+        return names, stacked
 
     def _forward_only_inputs(self, z, labels, step: int) -> torch.Tensor:
         """The inputs of a step past ``generator_iterations`` (a diagnostic subclass feeds other inputs here)."""
@@ -790,6 +813,11 @@ class CentralDistillation:
         with torch.no_grad():  # the student's soft targets: the ensemble at the distillation temperature
             targets = probs if self.temperature == 1.0 else self._ensemble(stacked.detach(), self.temperature).exp()
         self.cache.push(x.detach(), targets.detach())
+        if self.student_transform is not None and hasattr(self.student_transform, "set_random_state"):
+            self.student_transform.set_random_state(seed=(self.seed * 1_000_003 + step) % (2**32))
+        transform_draws = self.student_transform is not None and self.student_transform_targets == "unchanged"
+        if self.student_transform is not None and not transform_draws:
+            self._push_queried_views(x.detach(), step)
 
         t0 = time.perf_counter()
         lr = self._student_lr(step)
@@ -798,11 +826,9 @@ class CentralDistillation:
         self.student.train()
         g = self._rng(step, 1)
         losses = []
-        if self.student_transform is not None and hasattr(self.student_transform, "set_random_state"):
-            self.student_transform.set_random_state(seed=(self.seed * 1_000_003 + step) % (2**32))
         for _ in range(self.student_steps):
             xb, pb = self.cache.sample(self.student_batch_size, g)
-            if self.student_transform is not None:
+            if transform_draws:
                 xb = self._transform_student_inputs(xb)
             loss = self.distill(self._student_forward(xb.to(self.device)), pb.to(self.device))
             self.s_optimizer.zero_grad(set_to_none=True)
@@ -836,14 +862,25 @@ class CentralDistillation:
             progress = max(progress, (time.perf_counter() - self._started) / self.max_seconds)
         return cosine_lr(self.student_lr, progress)
 
-    def _transform_student_inputs(self, xb: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _push_queried_views(self, x: torch.Tensor, step: int) -> None:
+        """``student_transform_targets`` "queried": the step's inputs transformed once, labelled by the sites on the
+        transformed inputs themselves (forward-only), into the cache."""
+        t0 = time.perf_counter()
+        views = self._transform_student_inputs(x, labels_follow=True)
+        self.timing["student_s"] += time.perf_counter() - t0
+        _, stacked = self._forward_only_answers(views.to(self.device), step)
+        self.cache.push(views, self._ensemble(stacked, self.temperature).exp())
+
+    def _transform_student_inputs(self, xb: torch.Tensor, labels_follow: bool = False) -> torch.Tensor:
         lo, hi = self.spec.get("value_range") or (float("-inf"), float("inf"))
         out = []
         for x in xb:
             y = convert_to_tensor(self.student_transform(x), track_meta=False).float()
             if y.shape != x.shape:
-                raise ValueError(f"student_transform changed an input's shape {tuple(x.shape)} to {tuple(y.shape)}: only "
-                                 "label-preserving (intensity) transforms keep the ensemble's answer a valid target")
+                why = ("the cache holds inputs of one shape" if labels_follow else
+                       "only label-preserving (intensity) transforms keep the ensemble's answer a valid target")
+                raise ValueError(f"student_transform changed an input's shape {tuple(x.shape)} to {tuple(y.shape)}: {why}")
             out.append(y)
         return torch.stack(out).clamp(lo, hi)
 
@@ -929,6 +966,7 @@ class CentralDistillation:
             "conditional_ce_class_balance": self.conditional_ce_class_balance,
             "consensus_voxel_stride": self.terms["consensus"].voxel_stride,
             "student_transform": _describe(self.student_transform),
+            "student_transform_targets": self.student_transform_targets,
             "weights": self.weights,
             "sites": {n: {"sample_count": c.get("sample_count"), "class_counts": c.get("class_counts"), "count_unit": c.get("count_unit"),
                           "policy": self.policies[n].as_dict(), "privacy": privacy.get(n),
