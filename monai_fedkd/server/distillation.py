@@ -816,9 +816,9 @@ class CentralDistillation:
         self.cache.push(x.detach(), targets.detach())
         if self.student_transform is not None and hasattr(self.student_transform, "set_random_state"):
             self.student_transform.set_random_state(seed=(self.seed * 1_000_003 + step) % (2**32))
-        transform_draws = self.student_transform is not None and self.student_transform_targets == "unchanged"
-        if self.student_transform is not None and not transform_draws:
+        if self.student_transform_targets == "queried":  # the views enter the cache labelled; draws stay as cached
             self._push_queried_views(x.detach(), step)
+        transform_draws = self.student_transform is not None and self.student_transform_targets == "unchanged"
 
         t0 = time.perf_counter()
         lr = self._student_lr(step)
