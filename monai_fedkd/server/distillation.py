@@ -273,8 +273,8 @@ class CentralDistillation:
             channel-first input the student draws from the cache, with the ensemble's answer on the unchanged input
             as its target; results are clipped to the sites' value range. Only label-preserving transforms belong
             here (intensity, not spatial): the target is not transformed (unless ``student_transform_targets`` is
-            ``"queried"``). It is reseeded every step (``seed`` and
-            the iteration, through its ``set_random_state``), so a resumed run repeats it. ``None``: no transform.
+            ``"queried"``). It is reseeded every step (``seed`` and the iteration, through its ``set_random_state``),
+            so a resumed run repeats it. ``None``: no transform.
         student_transform_targets: what the student's transformed inputs are taught. ``"unchanged"`` (default): the
             ensemble's answer on the unchanged input (no extra query; only label-preserving transforms). ``"queried"``:
             every step the transform is applied once to the step's new inputs, the sites are asked forward-only (no
