@@ -25,8 +25,16 @@ def test_bundle_layout(bundle):
     assert not (root / "scripts").exists(), "bundles are pure configuration"
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     assert meta["schema"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/")
-    assert "required_packages_version" in meta and "optional_packages_version" in meta
     assert meta["required_packages_version"].get("monai_fedkd")
+
+
+@pytest.mark.parametrize("bundle", ALL_BUNDLES + ["central_distillation"])
+def test_parsed_metadata_keeps_required_packages(bundle):
+    # MONAI parses a deprecated optional_packages_version as required_packages_version, replacing the real list
+    meta_file = BUNDLES / bundle / "configs" / "metadata.json"
+    parser = ConfigParser()
+    parser.read_meta(str(meta_file))
+    assert parser.get("_meta_")["required_packages_version"] == json.loads(meta_file.read_text())["required_packages_version"]
 
 
 @pytest.mark.parametrize("bundle", SITE_BUNDLES)
@@ -35,7 +43,7 @@ def test_site_bundle_files(bundle):
         assert (BUNDLES / bundle / "configs" / f).is_file()
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES)
+@pytest.mark.parametrize("bundle", ALL_BUNDLES + ["central_distillation"])
 def test_verify_metadata_against_local_schema(bundle):
     verify_metadata(meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
@@ -46,6 +54,15 @@ def test_local_schema_rejects_incomplete_metadata(tmp_path):
     bad = tmp_path / "metadata.json"
     bad.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_channels"):
+        verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
+
+
+def test_local_schema_rejects_deprecated_optional_packages(tmp_path):
+    meta = json.loads((BUNDLES / "site_segmentation" / "configs" / "metadata.json").read_text())
+    meta["optional_packages_version"] = {"itk": "5.4.0"}
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="optional_packages_version"):
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 

@@ -77,8 +77,9 @@ def _metadata(card: Mapping, name: str, version: str, modality: str | None, metr
     seg = task == "segmentation"
     spatial = [int(s) for s in spec["spatial_size"]]
     role = card.get("role", "site")
-    required = {k: v for k, v in {"nibabel": _version("nibabel"), "pydicom": _version("pydicom")}.items() if v}
-    optional = {k: v for k, v in {"pillow": _version("pillow"), "SimpleITK": _version("SimpleITK"), "itk": _version("itk")}.items() if v}
+    # the readers LoadImage picks for NIfTI, DICOM and PNG; one dict only: MONAI 1.6.1 parses a (deprecated)
+    # optional_packages_version as required_packages_version and drops the real one
+    required = {k: v for k, v in {"nibabel": _version("nibabel"), "pydicom": _version("pydicom"), "pillow": _version("pillow")}.items() if v}
     return {
         "schema": SCHEMA_URL,
         "version": version,
@@ -87,7 +88,6 @@ def _metadata(card: Mapping, name: str, version: str, modality: str | None, metr
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": required,
-        "optional_packages_version": optional,
         "name": name,
         "task": f"{card['spatial_dims']}D {task} ({', '.join(names)})",
         "description": (
