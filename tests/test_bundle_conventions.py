@@ -15,6 +15,7 @@ BUNDLES = ROOT / "bundles"
 SCHEMA = ROOT / "monai_fedkd" / "resources" / "bundle_metadata_schema.json"
 SITE_BUNDLES = ["site_classification", "site_segmentation"]
 ALL_BUNDLES = SITE_BUNDLES + ["evaluation"]
+METADATA_BUNDLES = ALL_BUNDLES + ["central_distillation"]  # every bundle with a metadata.json
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES)
@@ -28,7 +29,7 @@ def test_bundle_layout(bundle):
     assert meta["required_packages_version"].get("monai_fedkd")
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES + ["central_distillation"])
+@pytest.mark.parametrize("bundle", METADATA_BUNDLES)
 def test_parsed_metadata_keeps_required_packages(bundle):
     # MONAI parses a deprecated optional_packages_version as required_packages_version, replacing the real list
     meta_file = BUNDLES / bundle / "configs" / "metadata.json"
@@ -43,7 +44,7 @@ def test_site_bundle_files(bundle):
         assert (BUNDLES / bundle / "configs" / f).is_file()
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES + ["central_distillation"])
+@pytest.mark.parametrize("bundle", METADATA_BUNDLES)
 def test_verify_metadata_against_local_schema(bundle):
     verify_metadata(meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
 
